@@ -1,0 +1,47 @@
+"""Configuration both sides share, as frozen dataclasses validated once where they are built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where the text is and how it becomes token ids."""
+
+    train_corpus: tuple[str, ...]  # one or more text files (gzip allowed), one sentence a line
+    bert_model: str  # hub name or local model directory; its tokenizer is used
+    do_lower_case: bool
+    cache_dir: str  # where corpus indexes are kept
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """The seed's instance-generation parameters (pregenerate_training_data.py's flags)."""
+
+    max_seq_len: int = 128  # tokens per instance, [CLS] and both [SEP] included
+    short_seq_prob: float = 0.1  # probability of a shorter random target length
+    masked_lm_prob: float = 0.15  # share of tokens to mask
+    max_predictions_per_seq: int = 20  # cap on masked positions per instance
+    whole_word_mask: bool = False  # mask whole words (a word and its `##` pieces) together
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.max_seq_len <= 512:
+            raise ValueError(f"max_seq_len must be between 8 and 512, got {self.max_seq_len}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"short_seq_prob must be between 0 and 1, got {self.short_seq_prob}")
+        if not 0.0 < self.masked_lm_prob <= 1.0:
+            raise ValueError(f"masked_lm_prob must be in (0, 1], got {self.masked_lm_prob}")
+        if not 1 <= self.max_predictions_per_seq <= self.max_seq_len - 3:
+            raise ValueError(
+                f"max_predictions_per_seq must be between 1 and max_seq_len - 3 = {self.max_seq_len - 3}, "
+                f"got {self.max_predictions_per_seq}"
+            )
+
+    @property
+    def max_num_tokens(self) -> int:
+        """Room for the two segments: max_seq_len less [CLS] and two [SEP]."""
+        return self.max_seq_len - 3
+
+    def to_dict(self) -> dict:
+        return asdict(self)

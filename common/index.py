@@ -1,0 +1,240 @@
+"""Documents → cached token arrays: the corpus tokenized once, in parallel, and memory-mapped by every reader.
+
+An index is three flat `.npy` arrays in one directory: `tokens` (every sentence's ids back to back, uint16 when
+the vocabulary fits), `sentence_offsets` (sentence s is `tokens[so[s]:so[s+1]]`) and `document_offsets`
+(document d is sentences `do[d]:do[d+1]`). Sentences of a document are contiguous, so any run of sentences
+is one slice. Worker processes map the same files, so N workers share one copy through the page cache.
+
+The directory is named by a key over the corpus bytes, the vocabulary and lower-casing. It is written under
+a temporary name and renamed when complete, so a build killed half-way leaves only a `.tmp-*` folder that
+the next build ignores and removes.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.config import CorpusConfig
+from common.corpus import NSP_NEEDS_DOCUMENTS, CorpusError, CorpusStats, corpus_digest, iter_documents
+from common.progress import Every, log
+from common.vocab import Vocabulary, load_tokenizer, resolve_model_dir
+
+INDEX_FORMAT = 1
+_CHUNK_CHARS = 1 << 20  # text per tokenizing task: large enough to amortise IPC, small enough to stream
+_ARRAYS = ("tokens", "sentence_offsets", "document_offsets")
+
+
+@dataclass(frozen=True)
+class CorpusIndex:
+    tokens: np.ndarray  # (n_tokens,) uint16 or int32, memory-mapped
+    sentence_offsets: np.ndarray  # (n_sentences + 1,) int64 into tokens
+    document_offsets: np.ndarray  # (n_documents + 1,) int64 into sentences
+    path: Path | None = None
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.document_offsets) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def document_sentence_counts(self) -> np.ndarray:
+        return np.diff(self.document_offsets)
+
+    def sentences_of(self, doc: int) -> list[np.ndarray]:
+        """The token-id arrays of one document's sentences (views into the map, no copy)."""
+        start, stop = self.document_offsets[doc], self.document_offsets[doc + 1]
+        bounds = self.sentence_offsets[start : stop + 1]
+        return [self.tokens[bounds[i] : bounds[i + 1]] for i in range(len(bounds) - 1)]
+
+    @classmethod
+    def from_arrays(cls, sentences_by_document: list[list[list[int]]], dtype=np.uint16) -> "CorpusIndex":
+        """An in-memory index from nested lists; for tests and tiny corpora."""
+        flat = [sentence for document in sentences_by_document for sentence in document]
+        lengths = np.array([len(s) for s in flat], dtype=np.int64)
+        tokens = np.array([t for s in flat for t in s], dtype=dtype)
+        sentence_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        counts = np.array([len(d) for d in sentences_by_document], dtype=np.int64)
+        document_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls(tokens, sentence_offsets, document_offsets)
+
+
+def index_key(corpus: CorpusConfig, vocab: Vocabulary) -> str:
+    import hashlib
+
+    parts = [f"format={INDEX_FORMAT}", f"vocab={vocab.sha256}", f"lower={vocab.do_lower_case}"]
+    parts.append(f"corpus={corpus_digest(corpus.train_corpus)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def load_index(path: Path) -> CorpusIndex:
+    """Map a complete index directory; raises ValueError if its arrays disagree with each other."""
+    arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    index = CorpusIndex(**arrays, path=path)
+    so, do = index.sentence_offsets, index.document_offsets
+    if len(so) < 1 or len(do) < 1 or so[-1] != index.num_tokens or do[-1] != index.num_sentences:
+        raise ValueError(f"index at {path} is inconsistent (offsets do not match the arrays)")
+    return index
+
+
+def build_or_load_index(corpus: CorpusConfig, vocab: Vocabulary, num_procs: int) -> CorpusIndex:
+    """The cached index of this corpus and vocabulary, built first if it is missing or damaged."""
+    cache_root = Path(corpus.cache_dir).expanduser()
+    key = index_key(corpus, vocab)
+    final = cache_root / f"index-{key}"
+    if final.is_dir():
+        try:
+            index = load_index(final)
+            log.info("index: %s (%d documents, %d sentences, %d tokens, cached)", final,
+                     index.num_documents, index.num_sentences, index.num_tokens)
+            return index
+        except (OSError, ValueError) as exc:
+            log.warning("index: cached copy at %s is damaged (%s); rebuilding", final, exc)
+            shutil.rmtree(final, ignore_errors=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(cache_root, key)
+    tmp = Path(tempfile.mkdtemp(prefix=f"index-{key}.tmp-", dir=cache_root))
+    try:
+        _build(corpus, vocab, tmp, num_procs)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():  # anything but "another process finished the same index first"
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_index(final)
+
+
+def _remove_stale_temporaries(cache_root: Path, key: str, older_than_s: float = 3600.0) -> None:
+    """Half-built indexes of crashed runs; recent ones may belong to a build still running beside us."""
+    for leftover in cache_root.glob(f"index-{key}.tmp-*"):
+        if time.time() - leftover.stat().st_mtime > older_than_s:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_tokenizer_worker(model_dir: str, do_lower_case: bool) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not Rayon threads
+    _worker_tokenizer = load_tokenizer(Path(model_dir), do_lower_case)
+
+
+def _tokenize_chunk(documents: list[tuple[str, ...]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, tokens per sentence, sentences per document) for a chunk; empty sentences count as 0 tokens."""
+    sentences = [s for document in documents for s in document]
+    encodings = _worker_tokenizer.encode_batch(sentences, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+    counts = np.array([len(d) for d in documents], dtype=np.int64)
+    return ids, lengths, counts
+
+
+def _chunks(documents, chunk_chars: int):
+    chunk, size = [], 0
+    for document in documents:
+        chunk.append(document.sentences)
+        size += sum(len(s) for s in document.sentences)
+        if size >= chunk_chars:
+            yield chunk, size
+            chunk, size = [], 0
+    if chunk:
+        yield chunk, size
+
+
+def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int) -> None:
+    stats = CorpusStats()
+    model_dir = str(resolve_model_dir(corpus.bert_model))
+    dtype = vocab.id_dtype
+    sentence_lengths: list[np.ndarray] = []
+    document_counts: list[np.ndarray] = []
+    empty_sentences = empty_token_documents = n_tokens = done_chars = 0
+    start = time.monotonic()
+    ticker = Every(2.0)
+    total_bytes = sum(Path(p).stat().st_size for p in corpus.train_corpus)
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    raw_path = out / "tokens.raw"
+    with context.Pool(num_procs, _init_tokenizer_worker, (model_dir, vocab.do_lower_case)) as pool, \
+            open(raw_path, "wb") as raw:
+        pending: collections.deque = collections.deque()
+
+        def drain_one() -> None:
+            nonlocal n_tokens, empty_sentences, empty_token_documents, done_chars
+            result, chars = pending.popleft()
+            ids, lengths, counts = result.get()
+            # Sentences that tokenize to nothing (control characters only) would make empty segments.
+            keep = lengths > 0
+            empty_sentences += int((~keep).sum())
+            doc_of_sentence = np.repeat(np.arange(len(counts)), counts)
+            kept_counts = np.bincount(doc_of_sentence[keep], minlength=len(counts))
+            empty_token_documents += int((kept_counts == 0).sum())
+            raw.write(ids.astype(dtype).tobytes())
+            sentence_lengths.append(lengths[keep])
+            document_counts.append(kept_counts[kept_counts > 0])
+            n_tokens += len(ids)
+            done_chars += chars
+            if ticker.due():
+                elapsed = time.monotonic() - start
+                log.info("tokenizing: %.1f MB of %.1f MB text, %.2f MB/s, %d tokens",
+                         done_chars / 1e6, total_bytes / 1e6, done_chars / 1e6 / elapsed, n_tokens)
+
+        for chunk, chars in _chunks(iter_documents(corpus.train_corpus, stats), _CHUNK_CHARS):
+            pending.append((pool.apply_async(_tokenize_chunk, (chunk,)), chars))
+            if len(pending) > 2 * num_procs:  # bounded: the corpus is never held in memory whole
+                drain_one()
+        while pending:
+            drain_one()
+
+    lengths = np.concatenate(sentence_lengths) if sentence_lengths else np.zeros(0, np.int64)
+    counts = np.concatenate(document_counts) if document_counts else np.zeros(0, np.int64)
+    if len(counts) < 2:
+        where = ", ".join(corpus.train_corpus)
+        raise CorpusError(f"{where}: {len(counts)} document(s) with text. {NSP_NEEDS_DOCUMENTS}")
+    elapsed = time.monotonic() - start
+    log.info(
+        "tokenized %d files, %.1f MB in %.1fs (%.2f MB/s): %d documents, %d sentences, %d tokens; skipped %d empty "
+        "documents (blank-line runs), %d sentences with no tokens, %d documents left without tokens",
+        stats.files, stats.bytes / 1e6, elapsed, stats.bytes / 1e6 / max(elapsed, 1e-9), len(counts), len(lengths),
+        n_tokens, stats.empty_documents, empty_sentences, empty_token_documents)
+
+    _raw_to_npy(raw_path, out / "tokens.npy", dtype, n_tokens)
+    np.save(out / "sentence_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    np.save(out / "document_offsets.npy", np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+    meta = {
+        "format": INDEX_FORMAT, "bert_model": corpus.bert_model, "vocab_sha256": vocab.sha256,
+        "do_lower_case": vocab.do_lower_case, "files": list(corpus.train_corpus), "bytes": stats.bytes,
+        "documents": int(len(counts)), "sentences": int(len(lengths)), "tokens": int(n_tokens),
+        "skipped_empty_documents": stats.empty_documents, "skipped_empty_sentences": empty_sentences,
+        "skipped_tokenless_documents": empty_token_documents,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _raw_to_npy(raw_path: Path, npy_path: Path, dtype: np.dtype, count: int) -> None:
+    """Prefix the streamed raw ids with a .npy header, so building never holds all tokens in memory."""
+    with open(npy_path, "wb") as out, open(raw_path, "rb") as raw:
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (count,)}
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(raw, out, 1 << 22)
+    raw_path.unlink()

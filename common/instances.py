@@ -1,0 +1,271 @@
+"""NSP pairs, truncation and masking: the seed's instance generation as pure functions over token ids.
+
+The call tree follows Google's `create_pretraining_data.py` and the seed that copied it:
+`create_instances_from_document` → `truncate_seq_pair` → `create_masked_lm_predictions`, then `collate` into
+fixed-shape arrays for `BertForPreTraining`. Every random draw comes from the `numpy.random.Generator` passed
+in. Segments are (start, stop) ranges into the index's flat token array: a document's sentences are
+contiguous there, so a segment of whole sentences is one slice and truncation only moves its ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from common.config import GenerationConfig
+from common.index import CorpusIndex
+from common.vocab import Vocabulary
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
+
+
+@dataclass(frozen=True)
+class TrainingInstance:
+    input_ids: np.ndarray  # (length,) int32: [CLS] A [SEP] B [SEP], masked
+    a_len: int  # tokens of segment A; segment 1 starts at a_len + 2
+    is_random_next: bool
+    masked_positions: np.ndarray  # (k,) int32, sorted ascending
+    masked_labels: np.ndarray  # (k,) int32: the original ids at masked_positions
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A fixed-shape batch, in the smallest dtypes that hold it (this is also what travels on the wire)."""
+
+    input_ids: np.ndarray  # (batch, seq) uint16 or int32, [PAD] after each length
+    token_type_ids: np.ndarray  # (batch, seq) uint8
+    lengths: np.ndarray  # (batch,) uint16: tokens before padding
+    masked_positions: np.ndarray  # (batch, max_predictions) uint16, 0 where unused
+    masked_labels: np.ndarray  # (batch, max_predictions) int16 or int32, IGNORE_INDEX where unused
+    next_sentence_labels: np.ndarray  # (batch,) uint8: 0 = B follows A, 1 = B is random
+
+    FIELDS = ("input_ids", "token_type_ids", "lengths", "masked_positions", "masked_labels", "next_sentence_labels")
+
+    @property
+    def size(self) -> int:
+        return len(self.lengths)
+
+    def attention_mask(self) -> np.ndarray:
+        """(batch, seq) uint8: 1 on real tokens."""
+        return (np.arange(self.input_ids.shape[1])[None, :] < self.lengths[:, None]).astype(np.uint8)
+
+    def dense_mlm_labels(self) -> np.ndarray:
+        """(batch, seq) int64 labels with IGNORE_INDEX off the masked positions: the stock model's format."""
+        dense = np.full(self.input_ids.shape, IGNORE_INDEX, dtype=np.int64)
+        rows, cols = np.nonzero(self.masked_labels != IGNORE_INDEX)
+        dense[rows, self.masked_positions[rows, cols]] = self.masked_labels[rows, cols]
+        return dense
+
+
+# --- segments -------------------------------------------------------------------------------------------
+
+
+def sample_random_document(index: CorpusIndex, current: int, rng: np.random.Generator) -> int:
+    """Another document, chosen with probability proportional to its sentence count (never `current`)."""
+    offsets = index.document_offsets
+    first, count = int(offsets[current]), int(offsets[current + 1] - offsets[current])
+    sentence = int(rng.integers(0, index.num_sentences - count))
+    if sentence >= first:  # skip over the current document's sentences
+        sentence += count
+    return int(np.searchsorted(offsets, sentence, side="right")) - 1
+
+
+def truncate_seq_pair(a: tuple[int, int], b: tuple[int, int], max_num_tokens: int,
+                      rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Cut the pair to `max_num_tokens`, one token at a time from the longer side, front or back at random.
+
+    The seed loops per token; this computes how many tokens each side loses (the longer side until the two
+    are level, then alternately, ties going to B) and draws each side's front share as a binomial, which is
+    the same distribution in O(1), so a 10 MB one-sentence document costs no more than a short one.
+    """
+    la, lb = a[1] - a[0], b[1] - b[0]
+    excess = la + lb - max_num_tokens
+    if excess <= 0:
+        return a, b
+    if la > lb:
+        drop_a, drop_b = min(excess, la - lb), 0
+        rest = excess - drop_a
+        drop_b, drop_a = drop_b + (rest + 1) // 2, drop_a + rest // 2
+    else:
+        drop_a, drop_b = 0, min(excess, lb - la + 1)
+        rest = excess - drop_b
+        drop_a, drop_b = drop_a + (rest + 1) // 2, drop_b + rest // 2
+    front_a, front_b = rng.binomial(drop_a, 0.5), rng.binomial(drop_b, 0.5)
+    return (a[0] + front_a, a[1] - (drop_a - front_a)), (b[0] + front_b, b[1] - (drop_b - front_b))
+
+
+# --- masking --------------------------------------------------------------------------------------------
+
+
+def num_to_mask(length: int, config: GenerationConfig) -> int:
+    """The seed's budget; `length` counts the special tokens. Python's round (half to even), as the seed."""
+    return min(config.max_predictions_per_seq, max(1, int(round(length * config.masked_lm_prob))))
+
+
+def create_masked_lm_predictions(ids: np.ndarray, a_len: int, config: GenerationConfig, vocab: Vocabulary,
+                                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masked ids, sorted positions, original ids there) for one `[CLS] A [SEP] B [SEP]` sequence."""
+    length = len(ids)
+    candidates = np.r_[1 : a_len + 1, a_len + 2 : length - 1]
+    if config.whole_word_mask:
+        # A `##` piece joins the word before it, except as the first token of a segment: the word before
+        # would be across [CLS] or [SEP] (truncation can leave a piece first; the seed joins it, a bug).
+        starts_word = ~vocab.is_continuation[ids[candidates]]
+        starts_word[0] = True
+        starts_word[a_len] = True  # candidates[a_len] is the first token of B
+    else:
+        starts_word = np.ones(len(candidates), dtype=bool)
+    word_starts = np.flatnonzero(starts_word)
+    word_lens = np.diff(np.append(word_starts, len(candidates)))
+
+    budget = num_to_mask(length, config)
+    order = rng.permutation(len(word_starts))
+    cumulative = np.cumsum(word_lens[order])
+    fitting = int(np.searchsorted(cumulative, budget, side="right"))  # the shuffled prefix that fits whole
+    chosen = list(order[:fitting])
+    count = int(cumulative[fitting - 1]) if fitting else 0
+    for word in order[fitting:]:  # the seed skips a word that would overflow and tries the next
+        if count >= budget:
+            break
+        if count + word_lens[word] <= budget:
+            chosen.append(word)
+            count += int(word_lens[word])
+
+    if word_lens.max() == 1:  # no multi-piece word: each word is one position
+        positions = candidates[word_starts[np.array(chosen, dtype=np.int64)]]
+    else:
+        pieces = [candidates[word_starts[w] : word_starts[w] + word_lens[w]] for w in chosen]
+        positions = np.concatenate(pieces) if pieces else candidates[:0]
+    positions = np.sort(positions).astype(np.int32)
+    labels = ids[positions].copy()
+
+    # 80% [MASK], 10% kept, 10% a uniformly random vocabulary id.
+    draw = rng.random(len(positions))
+    masked = ids.copy()
+    masked[positions[draw < 0.8]] = vocab.mask_id
+    random_slots = positions[draw >= 0.9]
+    masked[random_slots] = rng.integers(0, vocab.size, len(random_slots))
+    return masked, positions, labels
+
+
+# --- documents ------------------------------------------------------------------------------------------
+
+
+def _assemble(index: CorpusIndex, a: tuple[int, int], b: tuple[int, int], vocab: Vocabulary) -> np.ndarray:
+    la, lb = a[1] - a[0], b[1] - b[0]
+    ids = np.empty(la + lb + 3, dtype=np.int32)
+    ids[0] = vocab.cls_id
+    ids[1 : la + 1] = index.tokens[a[0] : a[1]]
+    ids[la + 1] = vocab.sep_id
+    ids[la + 2 : la + 2 + lb] = index.tokens[b[0] : b[1]]
+    ids[-1] = vocab.sep_id
+    return ids
+
+
+def create_instances_from_document(index: CorpusIndex, doc: int, config: GenerationConfig, vocab: Vocabulary,
+                                   rng: np.random.Generator) -> list[TrainingInstance]:
+    """All instances whose A segment comes from document `doc`, in order."""
+    so = index.sentence_offsets
+    first, stop = int(index.document_offsets[doc]), int(index.document_offsets[doc + 1])
+    max_num_tokens = config.max_num_tokens
+    # Mostly fill the sequence, but sometimes (short_seq_prob) aim shorter, so the model also sees the
+    # short inputs of fine-tuning tasks. Drawn once per document, as in the seed.
+    target = max_num_tokens
+    if rng.random() < config.short_seq_prob:
+        target = int(rng.integers(2, max_num_tokens + 1))
+
+    instances = []
+    chunk_start = i = first
+    while i < stop:
+        # A chunk is whole sentences: splitting at sentence ends keeps NSP from being too easy.
+        if i != stop - 1 and so[i + 1] - so[chunk_start] < target:
+            i += 1
+            continue
+        chunk_len = i + 1 - chunk_start
+        a_end = chunk_start + (1 if chunk_len == 1 else int(rng.integers(1, chunk_len)))
+        a = (int(so[chunk_start]), int(so[a_end]))
+        if chunk_len == 1 or rng.random() < 0.5:
+            is_random_next = True
+            other = sample_random_document(index, doc, rng)
+            o_first, o_stop = int(index.document_offsets[other]), int(index.document_offsets[other + 1])
+            b_first = int(rng.integers(o_first, o_stop))
+            # Whole sentences from b_first until B reaches target - len(A) tokens (at least one sentence).
+            wanted = int(so[b_first]) + target - (a[1] - a[0])
+            b_stop = min(b_first + 1 + int(np.searchsorted(so[b_first + 1 : o_stop + 1], wanted)), o_stop)
+            b = (int(so[b_first]), int(so[b_stop]))
+            # The chunk's unused sentences go back to the document rather than being wasted.
+            i = a_end - 1
+        else:
+            is_random_next = False
+            b = (int(so[a_end]), int(so[i + 1]))
+        a, b = truncate_seq_pair(a, b, max_num_tokens, rng)
+        a_len = a[1] - a[0]
+        masked, positions, labels = create_masked_lm_predictions(_assemble(index, a, b, vocab), a_len, config,
+                                                                 vocab, rng)
+        instances.append(TrainingInstance(masked, a_len, is_random_next, positions, labels))
+        i += 1
+        chunk_start = i
+    return instances
+
+
+def iter_instances(index: CorpusIndex, documents: Iterable[int], config: GenerationConfig, vocab: Vocabulary,
+                   rng: np.random.Generator) -> Iterator[TrainingInstance]:
+    for doc in documents:
+        yield from create_instances_from_document(index, int(doc), config, vocab, rng)
+
+
+def epoch_document_order(num_documents: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's shuffled document order; every worker computes the same one and takes its share."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_documents)
+
+
+def worker_documents(num_documents: int, seed: int, epoch: int, worker: int, num_workers: int) -> np.ndarray:
+    """The documents whose instances `worker` generates in `epoch`: each document belongs to exactly one."""
+    return epoch_document_order(num_documents, seed, epoch)[worker::num_workers]
+
+
+def worker_rng(seed: int, worker: int, epoch: int) -> np.random.Generator:
+    """Independent streams per (seed, worker, epoch): forked workers never share random state."""
+    return np.random.default_rng([seed, worker, epoch])
+
+
+# --- batches --------------------------------------------------------------------------------------------
+
+
+def label_dtype(vocab: Vocabulary) -> np.dtype:
+    return np.dtype(np.int16) if vocab.size <= np.iinfo(np.int16).max + 1 else np.dtype(np.int32)
+
+
+def collate(instances: list[TrainingInstance], config: GenerationConfig, vocab: Vocabulary) -> Batch:
+    """Fixed shapes: (len(instances), max_seq_len) and (len(instances), max_predictions_per_seq)."""
+    size, seq, preds = len(instances), config.max_seq_len, config.max_predictions_per_seq
+    input_ids = np.full((size, seq), vocab.pad_id, dtype=vocab.id_dtype)
+    token_type_ids = np.zeros((size, seq), dtype=np.uint8)
+    lengths = np.empty(size, dtype=np.uint16)
+    masked_positions = np.zeros((size, preds), dtype=np.uint16)
+    masked_labels = np.full((size, preds), IGNORE_INDEX, dtype=label_dtype(vocab))
+    next_sentence_labels = np.empty(size, dtype=np.uint8)
+    for row, inst in enumerate(instances):
+        n, k = len(inst.input_ids), len(inst.masked_positions)
+        input_ids[row, :n] = inst.input_ids
+        token_type_ids[row, inst.a_len + 2 : n] = 1
+        lengths[row] = n
+        masked_positions[row, :k] = inst.masked_positions
+        masked_labels[row, :k] = inst.masked_labels
+        next_sentence_labels[row] = inst.is_random_next
+    return Batch(input_ids, token_type_ids, lengths, masked_positions, masked_labels, next_sentence_labels)
+
+
+def to_seed_record(inst: TrainingInstance, vocab: Vocabulary) -> dict:
+    """The seed's JSON record: token strings (masked), segment ids, and the original tokens at the masks."""
+    tokens = [vocab.tokens[i] for i in inst.input_ids.tolist()]
+    n = len(tokens)
+    return {
+        "tokens": tokens,
+        "segment_ids": [0] * (inst.a_len + 2) + [1] * (n - inst.a_len - 2),
+        "is_random_next": bool(inst.is_random_next),
+        "masked_lm_positions": inst.masked_positions.tolist(),
+        "masked_lm_labels": [vocab.tokens[i] for i in inst.masked_labels.tolist()],
+    }
