@@ -94,7 +94,7 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
     if not isinstance(message, dict):
         raise WireError("message", f"expected a map, got {type(message).__name__}")
     version = message.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 compare equal to 1
         raise WireError("v", f"protocol version {version!r}; this build speaks {PROTOCOL_VERSION}")
     fingerprint = _fingerprint(_get(message, "fingerprint", dict))
     header = Header(
