@@ -103,7 +103,7 @@ def build_or_load_index(corpus: CorpusConfig, vocab: Vocabulary, num_procs: int)
             log.info("index: %s (%d documents, %d sentences, %d tokens, cached)", final,
                      index.num_documents, index.num_sentences, index.num_tokens)
             return index
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty .npy (a crash before the data hit disk)
             log.warning("index: cached copy at %s is damaged (%s); rebuilding", final, exc)
             shutil.rmtree(final, ignore_errors=True)
     cache_root.mkdir(parents=True, exist_ok=True)
