@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import CorpusConfig
-from common.corpus import NSP_NEEDS_DOCUMENTS, CorpusError, CorpusStats, corpus_digest, iter_documents
+from common.corpus import NSP_NEEDS_DOCUMENTS, CorpusError, CorpusStats, check_paths, corpus_digest, iter_documents
 from common.progress import Every, log
 from common.vocab import Vocabulary, load_tokenizer, resolve_model_dir
 
@@ -172,7 +172,7 @@ def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int) -
     empty_sentences = empty_token_documents = n_tokens = done_chars = 0
     start = time.monotonic()
     ticker = Every(2.0)
-    total_bytes = sum(Path(p).stat().st_size for p in corpus.train_corpus)
+    total_bytes = sum(path.stat().st_size for path in check_paths(corpus.train_corpus))
     context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
     raw_path = out / "tokens.raw"
     with context.Pool(num_procs, _init_tokenizer_worker, (model_dir, vocab.do_lower_case)) as pool, \
