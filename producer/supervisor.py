@@ -1,7 +1,7 @@
 """Starts the worker processes, watches them, restarts the ones that die, and stops them all cleanly.
 
 The supervisor owns SIGINT and SIGTERM: a signal only sets a flag, the watch loop then sets the workers'
-stop event, joins them for a few seconds (stream workers get `--linger_ms` more to hand over queued
+stop flag, joins them for a few seconds (stream workers get `--linger_ms` more to hand over queued
 batches), terminates, then kills what is left, and always joins, so no worker outlives it as an orphan or a
 zombie. It prints one progress line per `--progress_interval_s`.
 
@@ -16,6 +16,7 @@ producer with exit status 1: something is wrong that restarting will not fix.
 from __future__ import annotations
 
 import collections
+import ctypes
 import multiprocessing
 import os
 import signal
@@ -99,7 +100,9 @@ class Supervisor:
         self.config, self.resources = config, resources
         # fork: the children inherit the index maps and the vocabulary instead of rebuilding them.
         self.context = multiprocessing.get_context("fork")
-        self.stop = self.context.Event()
+        # The stop flag is one shared byte, not a multiprocessing.Event: an Event has a lock inside, and a
+        # worker killed while holding it (SIGKILL, the OOM killer) would hang every other reader and set().
+        self.stop = self.context.RawValue(ctypes.c_bool, False)
         self.producer_id = f"{socket.gethostname()}:{os.getpid()}"
         self.slots = [Slot(w, self.context.RawValue("q", 0)) for w in range(config.pool.num_workers)]
         self.signal_received: int | None = None
@@ -224,7 +227,7 @@ class Supervisor:
         if len(slot.deaths) > MAX_DEATHS:
             log.error("worker %d died %d times within %.0f s: giving up", slot.worker, len(slot.deaths), DEATH_WINDOW_S)
             return "give up"
-        if self.stop.is_set() or self.signal_received is not None:
+        if self.stop.value or self.signal_received is not None:
             return "died"
         self.restarts += 1
         resume = Resume()
@@ -239,7 +242,7 @@ class Supervisor:
 
     def _shutdown(self) -> None:
         """Stop every live worker: ask, wait, terminate, kill; always join."""
-        self.stop.set()
+        self.stop.value = True
         live = [slot for slot in self.slots if slot.process is not None]
         linger_s = self.config.stream.linger_ms / 1000 if self.config.stream is not None else 0.0
         deadline = time.monotonic() + linger_s + JOIN_TIMEOUT_S

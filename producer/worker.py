@@ -7,7 +7,7 @@ exactly the batches its predecessor already sent and skip them.
 
 A worker talks to its supervisor over its own one-way pipe: progress every ~0.5 s, a finished dump part,
 "the trainer is gone", or the traceback of the exception that ends it. It ignores SIGINT (Ctrl-C reaches
-the whole process group; the supervisor decides) and stops when the supervisor's stop event is set or the
+the whole process group; the supervisor decides) and stops when the supervisor's stop flag is set or the
 supervisor itself has disappeared.
 """
 
@@ -177,7 +177,7 @@ class Guard:
         self.watch: PeerWatch | None = None
 
     def check(self) -> None:
-        if self.stop.is_set():
+        if self.stop.value:
             raise Stopped()
         if os.getppid() != self.supervisor_pid:  # the supervisor was killed: do not live on as an orphan
             raise Stopped()

@@ -335,7 +335,7 @@ def test_worker_exception_reaches_the_supervisor_with_its_traceback(tmp_path):
     reader, writer = context.Pipe(duplex=False)
     job = WorkerJob(worker=3, num_workers=4, seed=0, generation=GenerationConfig(), vocab=None, index=None,
                     supervisor_pid=os.getpid())
-    process = context.Process(target=worker_main, args=(_failing_body, job, None, context.Event(), writer))
+    process = context.Process(target=worker_main, args=(_failing_body, job, None, context.RawValue("b", 0), writer))
     process.start()
     writer.close()
     process.join(TIMEOUT_S)
