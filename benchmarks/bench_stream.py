@@ -133,7 +133,8 @@ def main() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"stream into one PULL receiver (decode included), batch {args.batch_size}, max_seq_len "
           f"{args.max_seq_len}, {args.seconds:.0f} s each, {cpus} CPUs")
-    print(f"{'workers':>7} {'inst/s':>9} {'batches/s':>10} {'MB/s':>7} {'decode us/batch':>16} {'producer blocked':>17}")
+    print(f"{'workers':>7} {'inst/s':>9} {'batches/s':>10} {'MB/s':>7} {'decode us/batch':>16} "
+          f"{'producer blocked':>17}")
     for r in results:
         blocked = "?" if r["producer_blocked_pct"] is None else f"{r['producer_blocked_pct']}%"
         print(f"{r['workers']:>7} {r['instances_per_s']:>9.0f} {r['batches_per_s']:>10.1f} {r['mb_per_s']:>7.2f} "

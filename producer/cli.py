@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--output_dir", default=None,
                       help="dump mode: write epoch_{i}.json and epoch_{i}_metrics.json here, then exit")
     seed.add_argument("--bert_model", required=True,
-                      help="model directory (or hub name already in the local cache) whose vocabulary is used")
-    seed.add_argument("--do_lower_case", action="store_true")
+                      help="model directory or Hugging Face hub name; its vocabulary tokenizes the corpus")
+    seed.add_argument("--do_lower_case", action="store_true", help="lower-case the text (for uncased models)")
     seed.add_argument("--do_whole_word_mask", action="store_true",
                       help="mask whole words (a word and its ## pieces) together")
     seed.add_argument("--reduce_memory", action="store_true",
@@ -119,34 +119,40 @@ def build_parser() -> argparse.ArgumentParser:
                       "a memory-mapped index shared by all workers, so memory is already flat in corpus size")
     seed.add_argument("--epochs_to_generate", type=int, default=None,
                       help=f"dump mode: epochs to write (default {SEED_EPOCHS_TO_GENERATE})")
-    seed.add_argument("--max_seq_len", type=int, default=128)
+    seed.add_argument("--max_seq_len", type=int, default=128,
+                      help="tokens per instance, [CLS] and both [SEP] included (default %(default)s)")
     seed.add_argument("--short_seq_prob", type=float, default=0.1,
-                      help="probability of a shorter target length per document")
-    seed.add_argument("--masked_lm_prob", type=float, default=0.15)
-    seed.add_argument("--max_predictions_per_seq", type=int, default=20)
+                      help="probability of a shorter target length per document (default %(default)s)")
+    seed.add_argument("--masked_lm_prob", type=float, default=0.15,
+                      help="share of tokens masked (default %(default)s)")
+    seed.add_argument("--max_predictions_per_seq", type=int, default=20,
+                      help="cap on masked positions per instance (default %(default)s)")
 
     ours = parser.add_argument_group("bertstream")
     ours.add_argument("--num_workers", type=int, default=default_num_workers(),
                       help="worker processes (default: usable CPUs - 1, here %(default)s)")
     ours.add_argument("--seed", type=int, default=42,
-                      help="same corpus, model, flags, seed and worker count give the same instances")
+                      help="same corpus, model, flags, seed and worker count give the same instances "
+                      "(default %(default)s)")
     ours.add_argument("--cache_dir", default=str(default_cache_dir()),
                       help="where the tokenized corpus index is cached (default %(default)s)")
-    ours.add_argument("--progress_interval_s", type=float, default=10.0, help="seconds between progress lines")
+    ours.add_argument("--progress_interval_s", type=float, default=10.0,
+                      help="seconds between progress lines (default %(default)s)")
 
     stream = parser.add_argument_group("streaming")
     stream.add_argument("--connect", action="append", default=None, metavar="ENDPOINT",
                         help="trainer endpoint to PUSH batches to, tcp://HOST:PORT or ipc://PATH (repeatable)")
     stream.add_argument("--ranks_per_endpoint", type=int, default=1,
                         help="a tcp endpoint stands for this many trainer ranks on consecutive ports "
-                        "(PORT, PORT+1, ...), as torchrun's ranks bind them")
-    stream.add_argument("--batch_size", type=int, default=32, help="instances per message")
+                        "(PORT, PORT+1, ...), as torchrun's ranks bind them (default %(default)s)")
+    stream.add_argument("--batch_size", type=int, default=32, help="instances per message (default %(default)s)")
     stream.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (default: never)")
     stream.add_argument("--hwm_batches", type=int, default=8,
                         help="send high-water mark per endpoint, in batches: a slow or absent trainer blocks "
-                        "the workers there, so memory stays bounded")
+                        "the workers there, so memory stays bounded (default %(default)s)")
     stream.add_argument("--linger_ms", type=int, default=2000,
-                        help="on shutdown, how long to try delivering queued batches before dropping them")
+                        help="on shutdown, how long to try delivering queued batches before dropping them "
+                        "(default %(default)s)")
     stream.add_argument("--trainer_gone_timeout_s", type=float, default=0.0,
                         help="exit 0 once the trainer was connected and then every endpoint stayed "
                         "disconnected this long (0: never; wait for a trainer to come back)")

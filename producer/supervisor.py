@@ -133,7 +133,8 @@ class Supervisor:
                 seedformat.remove_leftovers(Path(self.config.dump.output_dir))  # parts of unfinished epochs
         self._summary()
         if status == 0 and self.config.dump is not None and len(self.written) < self.config.dump.epochs_to_generate:
-            log.error("dump incomplete: %d of %d epochs written", len(self.written), self.config.dump.epochs_to_generate)
+            log.error("dump incomplete: %d of %d epochs written", len(self.written),
+                      self.config.dump.epochs_to_generate)
             return 1
         return status
 

@@ -312,6 +312,7 @@ def dump_worker(job: WorkerJob, dump: DumpConfig, stop, conn: Connection) -> Non
                         guard.check()
                         reporter.maybe(progress)
             conn.send(("part", job.worker, epoch, written))
+            reporter.now(progress)
     except Stopped:
         pass
     finally:

@@ -404,3 +404,20 @@ def test_missing_corpus_or_model_is_one_clear_line(what, tiny_model_dir, tiny_co
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and str(corpus if what == "corpus" else model) in errors[0], result.stderr
+
+
+def test_producer_never_imports_torch_or_transformers(tiny_model_dir, tiny_corpus, tmp_path):
+    check = (
+        "import sys\n"
+        "from producer.__main__ import main\n"
+        "status = main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, f'the producer imported {heavy}'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check, "--train_corpus", str(tiny_corpus), "--bert_model", str(tiny_model_dir),
+         "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "out"), "--epochs_to_generate", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stderr
