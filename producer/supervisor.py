@@ -158,7 +158,11 @@ class Supervisor:
         writer.close()  # the child holds the write end now; we see EOF when it exits
         slot.process, slot.conn, slot.error = process, reader, None
         slot.last = Progress(epoch=resume.epoch, epoch_first_sequence=resume.sequence)
-        where = f", resuming at epoch {resume.epoch} after batch {resume.skip_until}" if resume.skip_until else ""
+        where = ""
+        if resume.skip_until:
+            where = f", resuming at epoch {resume.epoch} after batch {resume.skip_until}"
+        elif resume.epoch:
+            where = f", resuming at epoch {resume.epoch}"
         log.info("worker %d started: pid %d%s", slot.worker, process.pid, where)
 
     def _watch(self) -> int:
@@ -231,7 +235,8 @@ class Supervisor:
         if self.stop.value or self.signal_received is not None:
             return "died"
         self.restarts += 1
-        resume = Resume()
+        # A dump worker resumes at its first epoch without a finished part (it finishes them in order).
+        resume = Resume(epoch=sum(slot.worker in parts for parts in self.parts.values()))
         if self.config.stream is not None:
             # The last report names the epoch under way and its first batch's number; `sent` is exact.
             resume = Resume(epoch=slot.last.epoch, sequence=slot.last.epoch_first_sequence,

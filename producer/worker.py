@@ -290,15 +290,15 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
 
 
 def dump_worker(job: WorkerJob, dump: DumpConfig, stop, conn: Connection) -> None:
-    """Write this worker's part of every epoch; a part finished by a previous process is kept as it is."""
+    """Write this worker's part of every epoch from `job.resume.epoch` on; a finished part is kept as it is."""
     guard = Guard(stop, job.supervisor_pid)
     reporter = Reporter(conn, job.worker)
-    progress = Progress()
+    progress = Progress(epoch=job.resume.epoch)
     try:
-        for epoch in range(dump.epochs_to_generate):
+        for epoch in range(job.resume.epoch, dump.epochs_to_generate):
             progress.epoch = epoch
             part = seedformat.part_path(dump.output_dir, epoch, job.worker)
-            if part.exists():  # renamed into place only when complete, so it is whole
+            if part.exists():  # a predecessor died between finishing it and saying so; it is whole (renamed)
                 conn.send(("part", job.worker, epoch, seedformat.count_lines(part)))
                 continue
             written = 0

@@ -149,3 +149,37 @@ def test_atomic_output_appears_only_when_complete(tmp_path):
     metrics = seedformat.write_metrics(tmp_path, 0, 12, 128)
     assert json.loads(metrics.read_text()) == {"num_training_examples": 12, "max_seq_len": 128}
     assert [p.name for p in sorted(tmp_path.iterdir())] == ["epoch_0.json", "epoch_0_metrics.json"]
+
+
+def test_killed_dump_worker_is_restarted_and_the_files_are_unchanged(tiny_model_dir, tmp_path):
+    import re
+    import signal
+    import time
+
+    from conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.txt", num_documents=2000)
+    cache, flags = tmp_path / "cache", ("--num_workers", "2", "--epochs_to_generate", "12")
+    dump(tiny_model_dir, corpus, tmp_path / "clean", cache, *flags)
+
+    log_path = tmp_path / "killed.log"
+    command = [sys.executable, "-m", "producer", "--train_corpus", str(corpus), "--bert_model", str(tiny_model_dir),
+               "--do_lower_case", "--cache_dir", str(cache), "--output_dir", str(tmp_path / "killed"), *flags]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not re.search(r"wrote \S*epoch_1\.json", log_path.read_text()) and process.poll() is None:
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.01)
+    pid = int(re.search(r"worker 0 started: pid (\d+)", log_path.read_text())[1])
+    if process.poll() is not None:
+        pytest.skip("the dump finished before its worker could be killed (a machine too fast for this corpus)")
+    os.kill(pid, signal.SIGKILL)
+    assert process.wait(timeout=TIMEOUT_S) == 0, log_path.read_text()
+    text = log_path.read_text()
+    assert f"worker 0 (pid {pid}) killed by signal SIGKILL" in text
+    assert re.search(r"worker 0 started: pid \d+, resuming at epoch [1-9]", text), text
+    clean = {p.name: p.read_bytes() for p in sorted((tmp_path / "clean").iterdir())}
+    killed = {p.name: p.read_bytes() for p in sorted((tmp_path / "killed").iterdir())}
+    assert killed.keys() == clean.keys() and len(clean) == 24
+    assert [name for name in clean if killed[name] != clean[name]] == []
