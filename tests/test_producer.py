@@ -315,8 +315,10 @@ def test_worker_that_keeps_dying_stops_the_producer(tiny_model_dir, tmp_path, en
     assert pull.poll(TIMEOUT_S * 1000), log.read_text()
     (tokens,) = (tmp_path / "cache").glob("index-*/tokens.npy")
     os.truncate(tokens, 128)
-    while process.poll() is None:
-        pull.poll(50) and pull.recv()  # keep reading, so the workers keep generating
+    deadline = time.monotonic() + TIMEOUT_S
+    while process.poll() is None and time.monotonic() < deadline:
+        if pull.poll(50):
+            pull.recv()  # keep reading, so the workers keep generating
     assert finish(process, log) == 1, log.read_text()
     text = log.read_text()
     assert "killed by signal SIGBUS" in text
