@@ -1,0 +1,326 @@
+"""Command line -> frozen, validated configs, one per concern; then run, and turn the outcome into an exit code.
+
+The flags are the seed's `finetune_on_pregenerated.py` flags with the seed's defaults, plus the stream's and
+the run's. Everything the user can get wrong is refused here, before any model is loaded, with a message that
+names the flag and the value (exit 2). Nothing heavy (torch, transformers, zmq) is imported at module level,
+so `--help` and usage errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common.progress import log, setup_logging
+from common.wire import DEFAULT_MAX_MESSAGE_BYTES
+from trainer import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+_ENDPOINT = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model to start from and how its tokenizer cases text."""
+
+    bert_model: str  # hub name or local directory holding a BERT and its tokenizer
+    do_lower_case: bool
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where batches come from: seed-format files when `pregenerated_data` is set, else the stream at `bind`."""
+
+    pregenerated_data: str | None = None  # folder of epoch_{i}.json + epoch_{i}_metrics.json
+    reduce_memory: bool = False  # pregenerated: hold an epoch in memory maps in a temporary folder
+    bind: str = DEFAULT_BIND  # stream: the PULL socket's endpoint (producers connect here)
+    data_timeout_s: float = 0.0  # stream: error after this long without a batch; 0 waits forever
+    prefetch_batches: int = 4  # stream: decoded micro-batches held ready ahead of the loop
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # stream: larger messages are rejected unread
+
+    def __post_init__(self) -> None:
+        if self.pregenerated_data is None and not _ENDPOINT.match(self.bind):
+            raise ValueError(f"--bind {self.bind!r}: expected tcp://HOST:PORT, ipc://PATH or inproc://NAME")
+        if self.pregenerated_data is not None and not Path(self.pregenerated_data).is_dir():
+            raise ValueError(f"--pregenerated_data {self.pregenerated_data}: not a directory")
+        if self.data_timeout_s < 0:
+            raise ValueError(f"--data_timeout must be >= 0 seconds (0 = wait forever), got {self.data_timeout_s}")
+        if self.prefetch_batches < 1:
+            raise ValueError(f"--prefetch_batches must be >= 1, got {self.prefetch_batches}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"--max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation (the seed's semantics) and what the run writes."""
+
+    output_dir: str
+    epochs: int = 3
+    max_steps: int = 0  # optimizer steps; 0 = epochs x the instances of an epoch / train_batch_size
+    train_batch_size: int = 32  # instances per optimizer step, all accumulation steps together
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-5
+    warmup_proportion: float = 0.1  # share of the steps with a linearly rising learning rate
+    weight_decay: float = 0.01  # AdamW decay, except on biases and LayerNorm weights
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    logging_steps: int = 50  # a metrics record and a progress line every this many steps
+    save_steps: int = 1000  # a checkpoint every this many steps (0 = only at the end)
+    keep_checkpoints: int = 3  # the newest this many checkpoints are kept
+    resume: bool = True  # continue from the newest complete checkpoint in output_dir
+
+    def __post_init__(self) -> None:
+        positive = {"--epochs": self.epochs, "--train_batch_size": self.train_batch_size,
+                    "--gradient_accumulation_steps": self.gradient_accumulation_steps,
+                    "--logging_steps": self.logging_steps, "--keep_checkpoints": self.keep_checkpoints}
+        for flag, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in {"--max_steps": self.max_steps, "--save_steps": self.save_steps}.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.train_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"--train_batch_size {self.train_batch_size} is not divisible by --gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} (the micro-batch is their quotient)")
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_proportion < 1.0:
+            raise ValueError(f"--warmup_proportion must be in [0, 1), got {self.warmup_proportion}")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output_dir {self.output_dir}: exists and is not a directory")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Instances per forward/backward pass."""
+        return self.train_batch_size // self.gradient_accumulation_steps
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where and in which precision to train."""
+
+    no_cuda: bool = False
+    fp16: bool = False  # float16 autocast with a GradScaler (CUDA only; the CPU trains in float32)
+    bf16: bool = False  # bfloat16 autocast, no scaler
+    loss_scale: float = 0.0  # fp16: 0 = dynamic loss scaling, else this static scale
+
+    def __post_init__(self) -> None:
+        if self.fp16 and self.bf16:
+            raise ValueError("--fp16 and --bf16 exclude each other; pass one")
+        if self.loss_scale < 0:
+            raise ValueError(f"--loss_scale must be >= 0 (0 = dynamic), got {self.loss_scale}")
+        if self.loss_scale and not self.fp16:
+            raise ValueError(f"--loss_scale {self.loss_scale} applies only with --fp16")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """This process's place among the training processes: the one place rank and world size are decided.
+
+    Only rank 0 writes (metrics, checkpoints, the final model). Multi-process data parallel training is not
+    implemented yet, so a world size above 1 is refused rather than silently training N independent models.
+    """
+
+    local_rank: int = -1  # the seed's flag; torchrun sets LOCAL_RANK instead
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size != 1:
+            raise ValueError(f"WORLD_SIZE={self.world_size}: multi-process training is not supported yet; run one "
+                             "trainer process (several producers may feed it)")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, local_rank: int) -> "DistributedConfig":
+        env_local = os.environ.get("LOCAL_RANK")
+        if local_rank == -1 and env_local is not None:
+            local_rank = int(env_local)
+        return cls(local_rank=local_rank, rank=int(os.environ.get("RANK", 0)),
+                   world_size=int(os.environ.get("WORLD_SIZE", 1)))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The held-out evaluation set and how often it is scored."""
+
+    eval_corpus: str | None = None  # text in the corpus format; None = no evaluation
+    eval_steps: int = 500  # evaluate every this many steps (0 = only at start and end)
+    eval_instances: int = 512  # instances in the fixed evaluation set
+    cache_dir: str = ""  # where the evaluation corpus's token index is kept
+
+    def __post_init__(self) -> None:
+        if self.eval_corpus is not None and not Path(self.eval_corpus).is_file():
+            raise ValueError(f"--eval_corpus {self.eval_corpus}: no such file")
+        if self.eval_steps < 0:
+            raise ValueError(f"--eval_steps must be >= 0, got {self.eval_steps}")
+        if self.eval_instances < 1:
+            raise ValueError(f"--eval_instances must be >= 1, got {self.eval_instances}")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    model: ModelConfig
+    source: SourceConfig
+    train: TrainConfig
+    device: DeviceConfig
+    distributed: DistributedConfig
+    eval: EvalConfig
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bertstream-trainer",
+        description="Fine-tune BertForPreTraining (MLM + NSP) on a bertstream stream or on seed-format files.",
+        epilog="Exit codes: 0 done; 1 error; 2 bad flags; 75 stopped by SIGTERM/SIGINT with a checkpoint saved "
+               "(run the same command again to resume).")
+    seed = p.add_argument_group("the seed's flags (finetune_on_pregenerated.py)")
+    seed.add_argument("--pregenerated_data", type=str, default=None,
+                      help="read the seed's epoch_{i}.json files from this folder instead of the stream")
+    seed.add_argument("--output_dir", type=str, required=True)
+    seed.add_argument("--bert_model", type=str, required=True, help="hub name or local model directory")
+    seed.add_argument("--do_lower_case", action="store_true")
+    seed.add_argument("--reduce_memory", action="store_true",
+                      help="pregenerated data: keep an epoch in memory maps on disk instead of RAM")
+    seed.add_argument("--epochs", type=int, default=3)
+    seed.add_argument("--local_rank", type=int, default=-1)
+    seed.add_argument("--no_cuda", action="store_true")
+    seed.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    seed.add_argument("--train_batch_size", type=int, default=32, help="total batch per optimizer step")
+    seed.add_argument("--fp16", action="store_true")
+    seed.add_argument("--loss_scale", type=float, default=0.0, help="fp16: 0 = dynamic, else a static scale")
+    seed.add_argument("--warmup_proportion", type=float, default=0.1)
+    seed.add_argument("--learning_rate", type=float, default=3e-5)
+    seed.add_argument("--seed", type=int, default=42)
+
+    stream = p.add_argument_group("stream")
+    stream.add_argument("--bind", type=str, default=None, help=f"PULL endpoint producers connect to "
+                        f"(default {DEFAULT_BIND}); not with --pregenerated_data")
+    stream.add_argument("--data_timeout", type=float, default=0.0,
+                        help="seconds without a batch before giving up (0 = wait forever)")
+    stream.add_argument("--prefetch_batches", type=int, default=4)
+    stream.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+
+    run = p.add_argument_group("run")
+    run.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
+    run.add_argument("--bf16", action="store_true")
+    run.add_argument("--logging_steps", type=int, default=50)
+    run.add_argument("--save_steps", type=int, default=1000, help="0 = checkpoint only at the end")
+    run.add_argument("--keep_checkpoints", type=int, default=3)
+    run.add_argument("--no_resume", action="store_true",
+                     help="start afresh: delete the checkpoints and metrics of an earlier run in --output_dir")
+
+    ev = p.add_argument_group("held-out evaluation")
+    ev.add_argument("--eval_corpus", type=str, default=None)
+    ev.add_argument("--eval_steps", type=int, default=500, help="0 = only at start and end")
+    ev.add_argument("--eval_instances", type=int, default=512)
+    ev.add_argument("--cache_dir", type=str, default=None, help="where the eval corpus's token index is kept")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> TrainerConfig:
+    """Flags -> TrainerConfig; any invalid value ends the process with exit 2 and a message naming the flag."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.pregenerated_data is not None and args.bind is not None:
+        parser.error(f"--pregenerated_data {args.pregenerated_data} and --bind {args.bind} are two sources; "
+                     "give one")
+    try:
+        from common.vocab import default_cache_dir
+
+        return TrainerConfig(
+            model=ModelConfig(bert_model=args.bert_model, do_lower_case=args.do_lower_case),
+            source=SourceConfig(
+                pregenerated_data=args.pregenerated_data, reduce_memory=args.reduce_memory,
+                bind=args.bind or DEFAULT_BIND, data_timeout_s=args.data_timeout,
+                prefetch_batches=args.prefetch_batches, max_message_bytes=args.max_message_bytes),
+            train=TrainConfig(
+                output_dir=args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
+                train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                learning_rate=args.learning_rate, warmup_proportion=args.warmup_proportion, seed=args.seed,
+                logging_steps=args.logging_steps, save_steps=args.save_steps,
+                keep_checkpoints=args.keep_checkpoints, resume=not args.no_resume),
+            device=DeviceConfig(no_cuda=args.no_cuda, fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale),
+            distributed=DistributedConfig.from_env(args.local_rank),
+            eval=EvalConfig(eval_corpus=args.eval_corpus, eval_steps=args.eval_steps,
+                            eval_instances=args.eval_instances,
+                            cache_dir=args.cache_dir or str(default_cache_dir())),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT set the yielded event; the loop saves a checkpoint at the next step boundary, exits 75.
+
+    A second signal while the first is being honoured stops at once, without a checkpoint. The previous
+    handlers come back on exit, so an in-process caller (a test) keeps its own.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals can only be caught there
+        yield stop
+        return
+
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child (tokenizer pool workers) inherits this: die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if stop.is_set():
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: exiting without a checkpoint")
+        log.warning("%s received: saving a checkpoint at the next step boundary, then exiting",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    try:
+        config = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), message already printed
+        return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
+    log.info("trainer config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    from common.corpus import CorpusError
+    from common.vocab import ModelNotFoundError
+    from trainer.loop import run_training  # torch and transformers load here, after the flags are known good
+
+    try:
+        with stop_on_signals() as stop:
+            run_training(config, stop)
+    except StoppedEarly as exc:
+        log.warning("%s", exc)
+        return EXIT_STOPPED
+    except (TrainerError, CorpusError, ModelNotFoundError) as exc:
+        log.error("%s", exc)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

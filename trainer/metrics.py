@@ -1,0 +1,97 @@
+"""What a run reports: `metrics.jsonl` (one JSON object per logging step), TensorBoard events, the progress line.
+
+A training record holds at least step, loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy, lr,
+seq_per_s and data_wait_frac (see docs/trainer.md for every field); an evaluation adds eval_* fields to the
+record of its step. The evaluation before the first step is a record of its own with only step, lr and
+eval_*. Values that are not finite (an fp16 overflow's grad norm) are written as null, so the file stays
+strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from common.progress import log
+
+METRICS_FILE = "metrics.jsonl"
+TRAIN_FIELDS = ("step", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "lr", "seq_per_s",
+                "data_wait_frac")
+
+
+class MetricsLog:
+    """Appends records to output_dir/metrics.jsonl and, when the tensorboard package is there, to TensorBoard.
+
+    `resume_step`: the step a resumed run starts from; records of later steps (written by the interrupted
+    run after its last checkpoint) are dropped, so the file has each step once. None starts a new file.
+    Only the main process writes; the others get a log that does nothing.
+    """
+
+    def __init__(self, output_dir: Path, enabled: bool, resume_step: int | None):
+        self._enabled = enabled
+        self._file = None
+        self._tensorboard = None
+        if not enabled:
+            return
+        path = Path(output_dir) / METRICS_FILE
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except ValueError:  # a line cut short by a crash
+                    continue
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self._file = open(path, "a", encoding="utf-8")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+        except ImportError:
+            log.info("metrics: the tensorboard package is not installed; writing %s only", path)
+
+    def write(self, record: dict) -> None:
+        if not self._enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tensorboard is not None:
+            step = record["step"]
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and value is not None:
+                    group = "eval" if key.startswith("eval_") else "train"
+                    self._tensorboard.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def progress_line(record: dict, total_steps: int) -> str:
+    """One dense line: loss and its parts, accuracies, lr, grad norm, loss scale, throughput, data wait, eval."""
+    parts = [f"step {record['step']}/{total_steps}"]
+    if record.get("epoch") is not None:
+        parts[0] += f" (epoch {record['epoch']:.2f})"
+    if "loss" in record:
+        parts += [
+            f"loss {record['loss']:.4f} (mlm {record['mlm_loss']:.4f} nsp {record['nsp_loss']:.4f})",
+            f"acc mlm {record['mlm_accuracy']:.3f} nsp {record['nsp_accuracy']:.3f}",
+            f"lr {record['lr']:.3g}",
+            f"grad {record['grad_norm']:.3g}",
+        ]
+        if record.get("loss_scale") is not None:
+            parts.append(f"scale {record['loss_scale']:g}")
+        parts += [f"{record['seq_per_s']:.1f} seq/s", f"data wait {100 * record['data_wait_frac']:.0f}%"]
+        if record.get("messages_rejected"):
+            parts.append(f"rejected {record['messages_rejected']}")
+    if "eval_loss" in record:
+        parts.append(f"eval mlm {record['eval_mlm_loss']:.4f} acc {record['eval_mlm_accuracy']:.3f} "
+                     f"nsp acc {record['eval_nsp_accuracy']:.3f}")
+    return " | ".join(parts)
