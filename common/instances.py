@@ -106,40 +106,36 @@ def num_to_mask(length: int, config: GenerationConfig) -> int:
 
 def create_masked_lm_predictions(ids: np.ndarray, a_len: int, config: GenerationConfig, vocab: Vocabulary,
                                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masked ids, sorted positions, original ids there) for one `[CLS] A [SEP] B [SEP]` sequence."""
+    """(masked ids, sorted positions, original ids there) for one `[CLS] A [SEP] B [SEP]` sequence.
+
+    Works on candidate indices (every position but [CLS] and the two [SEP]s, in order: candidate c is
+    position c + 1 in A, c + 2 in B). An instance is ~128 tokens, so a few numpy calls and a short Python
+    loop over the shuffled words cost less than more vectorised bookkeeping would.
+    """
     length = len(ids)
-    candidates = np.r_[1 : a_len + 1, a_len + 2 : length - 1]
+    num_candidates = length - 3
+    budget = num_to_mask(length, config)
     if config.whole_word_mask:
         # A `##` piece joins the word before it, except as the first token of a segment: the word before
         # would be across [CLS] or [SEP] (truncation can leave a piece first; the seed joins it, a bug).
-        starts_word = ~vocab.is_continuation[ids[candidates]]
-        starts_word[0] = True
-        starts_word[a_len] = True  # candidates[a_len] is the first token of B
+        starts_word = ~vocab.is_continuation[np.concatenate((ids[1 : a_len + 1], ids[a_len + 2 : length - 1]))]
+        starts_word[0] = starts_word[a_len] = True
+        word_starts = np.flatnonzero(starts_word).tolist()
+        word_ends = word_starts[1:] + [num_candidates]
+        chosen, count = [], 0
+        for word in rng.permutation(len(word_starts)).tolist():
+            if count >= budget:
+                break
+            size = word_ends[word] - word_starts[word]
+            if count + size <= budget:  # the seed skips a word that would overflow and tries the next
+                chosen.extend(range(word_starts[word], word_ends[word]))
+                count += size
+        chosen = np.sort(np.array(chosen, dtype=np.int64))
     else:
-        starts_word = np.ones(len(candidates), dtype=bool)
-    word_starts = np.flatnonzero(starts_word)
-    word_lens = np.diff(np.append(word_starts, len(candidates)))
-
-    budget = num_to_mask(length, config)
-    order = rng.permutation(len(word_starts))
-    cumulative = np.cumsum(word_lens[order])
-    fitting = int(np.searchsorted(cumulative, budget, side="right"))  # the shuffled prefix that fits whole
-    chosen = list(order[:fitting])
-    count = int(cumulative[fitting - 1]) if fitting else 0
-    for word in order[fitting:]:  # the seed skips a word that would overflow and tries the next
-        if count >= budget:
-            break
-        if count + word_lens[word] <= budget:
-            chosen.append(word)
-            count += int(word_lens[word])
-
-    if word_lens.max() == 1:  # no multi-piece word: each word is one position
-        positions = candidates[word_starts[np.array(chosen, dtype=np.int64)]]
-    else:
-        pieces = [candidates[word_starts[w] : word_starts[w] + word_lens[w]] for w in chosen]
-        positions = np.concatenate(pieces) if pieces else candidates[:0]
-    positions = np.sort(positions).astype(np.int32)
-    labels = ids[positions].copy()
+        # Every candidate is a word of one token: the first `budget` of a shuffle of the candidates.
+        chosen = np.sort(rng.permutation(num_candidates)[:budget])
+    positions = (chosen + 1 + (chosen >= a_len)).astype(np.int32)
+    labels = ids[positions]
 
     # 80% [MASK], 10% kept, 10% a uniformly random vocabulary id.
     draw = rng.random(len(positions))
