@@ -64,12 +64,17 @@ class Batch:
 
 def sample_random_document(index: CorpusIndex, current: int, rng: np.random.Generator) -> int:
     """Another document, chosen with probability proportional to its sentence count (never `current`)."""
-    offsets = index.document_offsets
-    first, count = int(offsets[current]), int(offsets[current + 1] - offsets[current])
-    sentence = int(rng.integers(0, index.num_sentences - count))
+    offsets = index.document_offsets.view(np.ndarray)
+    return _sample_other_document(offsets, int(offsets[current]), int(offsets[current + 1]), rng)
+
+
+def _sample_other_document(document_offsets: np.ndarray, first: int, stop: int, rng: np.random.Generator) -> int:
+    """A uniform sentence outside sentences [first, stop), and the document it belongs to."""
+    count = stop - first
+    sentence = int(rng.integers(0, int(document_offsets[-1]) - count))
     if sentence >= first:  # skip over the current document's sentences
         sentence += count
-    return int(np.searchsorted(offsets, sentence, side="right")) - 1
+    return int(document_offsets.searchsorted(sentence, side="right")) - 1
 
 
 def truncate_seq_pair(a: tuple[int, int], b: tuple[int, int], max_num_tokens: int,
@@ -149,22 +154,24 @@ def create_masked_lm_predictions(ids: np.ndarray, a_len: int, config: Generation
 # --- documents ------------------------------------------------------------------------------------------
 
 
-def _assemble(index: CorpusIndex, a: tuple[int, int], b: tuple[int, int], vocab: Vocabulary) -> np.ndarray:
-    la, lb = a[1] - a[0], b[1] - b[0]
-    ids = np.empty(la + lb + 3, dtype=np.int32)
-    ids[0] = vocab.cls_id
-    ids[1 : la + 1] = index.tokens[a[0] : a[1]]
-    ids[la + 1] = vocab.sep_id
-    ids[la + 2 : la + 2 + lb] = index.tokens[b[0] : b[1]]
-    ids[-1] = vocab.sep_id
-    return ids
+def _assemble(tokens: np.ndarray, a: tuple[int, int], b: tuple[int, int], specials: np.ndarray) -> np.ndarray:
+    """`[CLS] A [SEP] B [SEP]` as int32; `specials` is `[cls_id, sep_id]`."""
+    cls, sep = specials[:1], specials[1:]
+    return np.concatenate((cls, tokens[a[0] : a[1]], sep, tokens[b[0] : b[1]], sep), dtype=np.int32)
 
 
 def create_instances_from_document(index: CorpusIndex, doc: int, config: GenerationConfig, vocab: Vocabulary,
                                    rng: np.random.Generator) -> list[TrainingInstance]:
     """All instances whose A segment comes from document `doc`, in order."""
-    so = index.sentence_offsets
-    first, stop = int(index.document_offsets[doc]), int(index.document_offsets[doc + 1])
+    # Plain ndarray views of the maps (indexing an np.memmap goes through Python code), and this document's
+    # sentence offsets as Python ints for the chunk loop.
+    tokens = index.tokens.view(np.ndarray)
+    all_offsets = index.sentence_offsets.view(np.ndarray)
+    document_offsets = index.document_offsets.view(np.ndarray)
+    first, stop = int(document_offsets[doc]), int(document_offsets[doc + 1])
+    so = all_offsets[first : stop + 1].tolist()  # so[s]: where this document's sentence s starts in `tokens`
+    num_sentences = stop - first
+    specials = np.array([vocab.cls_id, vocab.sep_id], dtype=np.int32)
     max_num_tokens = config.max_num_tokens
     # Mostly fill the sequence, but sometimes (short_seq_prob) aim shorter, so the model also sees the
     # short inputs of fine-tuning tasks. Drawn once per document, as in the seed.
@@ -173,32 +180,33 @@ def create_instances_from_document(index: CorpusIndex, doc: int, config: Generat
         target = int(rng.integers(2, max_num_tokens + 1))
 
     instances = []
-    chunk_start = i = first
-    while i < stop:
+    chunk_start = i = 0
+    while i < num_sentences:
         # A chunk is whole sentences: splitting at sentence ends keeps NSP from being too easy.
-        if i != stop - 1 and so[i + 1] - so[chunk_start] < target:
+        if i != num_sentences - 1 and so[i + 1] - so[chunk_start] < target:
             i += 1
             continue
         chunk_len = i + 1 - chunk_start
         a_end = chunk_start + (1 if chunk_len == 1 else int(rng.integers(1, chunk_len)))
-        a = (int(so[chunk_start]), int(so[a_end]))
+        a = (so[chunk_start], so[a_end])
         if chunk_len == 1 or rng.random() < 0.5:
             is_random_next = True
-            other = sample_random_document(index, doc, rng)
-            o_first, o_stop = int(index.document_offsets[other]), int(index.document_offsets[other + 1])
+            other = _sample_other_document(document_offsets, first, stop, rng)
+            o_first, o_stop = int(document_offsets[other]), int(document_offsets[other + 1])
             b_first = int(rng.integers(o_first, o_stop))
             # Whole sentences from b_first until B reaches target - len(A) tokens (at least one sentence).
-            wanted = int(so[b_first]) + target - (a[1] - a[0])
-            b_stop = min(b_first + 1 + int(np.searchsorted(so[b_first + 1 : o_stop + 1], wanted)), o_stop)
-            b = (int(so[b_first]), int(so[b_stop]))
+            b_start = int(all_offsets[b_first])
+            wanted = b_start + target - (a[1] - a[0])
+            b_stop = min(b_first + 1 + int(all_offsets[b_first + 1 : o_stop + 1].searchsorted(wanted)), o_stop)
+            b = (b_start, int(all_offsets[b_stop]))
             # The chunk's unused sentences go back to the document rather than being wasted.
             i = a_end - 1
         else:
             is_random_next = False
-            b = (int(so[a_end]), int(so[i + 1]))
+            b = (so[a_end], so[i + 1])
         a, b = truncate_seq_pair(a, b, max_num_tokens, rng)
         a_len = a[1] - a[0]
-        masked, positions, labels = create_masked_lm_predictions(_assemble(index, a, b, vocab), a_len, config,
+        masked, positions, labels = create_masked_lm_predictions(_assemble(tokens, a, b, specials), a_len, config,
                                                                  vocab, rng)
         instances.append(TrainingInstance(masked, a_len, is_random_next, positions, labels))
         i += 1
