@@ -1,0 +1,115 @@
+"""Helpers shared by the trainer's tests: real batches from the tiny corpus, seed-format folders, log capture."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import seed_reference
+from common.config import CorpusConfig, GenerationConfig
+from common.index import build_or_load_index
+from common.instances import Batch, collate, iter_instances
+from common.vocab import Vocabulary, load_tokenizer
+from common.wire import Header, encode
+from conftest import REPO, tiny_vocab
+
+TIMEOUT_S = 120  # a guard against hangs, never a speed assertion
+
+
+def vocabulary(model_dir: Path) -> Vocabulary:
+    return Vocabulary.from_tokenizer(load_tokenizer(model_dir, True), True)
+
+
+def real_batches(model_dir: Path, corpus: Path, cache_dir: Path, *, batch_size: int, count: int,
+                 max_seq_len: int = 64, seed: int = 0) -> list[Batch]:
+    """`count` batches of real instances generated from `corpus` (documents cycled as needed)."""
+    vocab = vocabulary(model_dir)
+    index = build_or_load_index(CorpusConfig((str(corpus),), str(model_dir), True, str(cache_dir)), vocab, 1)
+    config = GenerationConfig(max_seq_len=max_seq_len)
+    rng = np.random.default_rng(seed)
+
+    def documents():
+        while True:
+            yield from rng.permutation(index.num_documents)
+
+    instances = iter_instances(index, documents(), config, vocab, rng)
+    return [collate([next(instances) for _ in range(batch_size)], config, vocab) for _ in range(count)]
+
+
+def message(model_dir: Path, batch: Batch, *, epoch_instances: int = 0, sequence: int = 0,
+            vocab: Vocabulary | None = None) -> bytes:
+    """`batch` encoded as a producer would send it, with `vocab`'s fingerprint (the model's by default)."""
+    vocab = vocab or vocabulary(model_dir)
+    header = Header(producer_id="test:1", worker=0, epoch=0, sequence=sequence, epoch_instances=epoch_instances,
+                    fingerprint=vocab.fingerprint(batch.input_ids.shape[1]))
+    return encode(header, batch)
+
+
+def write_seed_epochs(out: Path, model_dir: Path, corpus: Path, epochs: int, max_seq_len: int = 64) -> list[int]:
+    """Seed-format epochs written by the plain reference (not the producer); returns instances per epoch."""
+    tokenizer = load_tokenizer(model_dir, True)
+    docs = seed_reference.read_corpus_file(corpus, lambda s: tokenizer.encode(s, add_special_tokens=False).tokens)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = []
+    for epoch in range(epochs):
+        records = seed_reference.generate_epoch(docs, tiny_vocab(), random.Random(epoch), max_seq_len=max_seq_len)
+        seed_reference.write_epoch(records, out, epoch, max_seq_len)
+        counts.append(len(records))
+    return counts
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def train_records(output_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "loss" in r]
+
+
+@contextlib.contextmanager
+def captured_log():
+    """The trainer's log lines (logger "bertstream", which does not propagate to pytest's caplog)."""
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("bertstream")
+    handler = Collect(logging.INFO)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def trainer_flags(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    """Small, fast settings: tiny batches, a log record every step, a high learning rate so loss moves."""
+    return ["--bert_model", str(model_dir), "--do_lower_case", "--output_dir", str(output_dir),
+            "--train_batch_size", "8", "--learning_rate", "1e-3", "--logging_steps", "1",
+            "--warmup_proportion", "0", *extra]
+
+
+def start_trainer(flags: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "trainer", *flags], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+
+
+def state_dict_of(output_dir: Path) -> dict:
+    from transformers import BertForPreTraining
+
+    return BertForPreTraining.from_pretrained(str(output_dir)).state_dict()
