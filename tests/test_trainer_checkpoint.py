@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import zmq
 
 from conftest import free_tcp_endpoint, write_corpus
 from trainer import EXIT_ERROR, EXIT_OK, EXIT_STOPPED
 from trainer.checkpoint import STATE_FILE, Checkpoints
 from trainer.cli import main
-from trainer_support import (TIMEOUT_S, captured_log, message, read_metrics, real_batches, start_trainer,
+from trainer_support import (TIMEOUT_S, Sender, captured_log, message, read_metrics, real_batches, start_trainer,
                              state_dict_of, train_records, trainer_flags, write_seed_epochs)
 
 N = 4  # steps before the stop
@@ -41,31 +38,6 @@ def seed_data(tiny_model_dir, corpus, tmp_path_factory) -> Path:
     data = tmp_path_factory.mktemp("ckpt_seed") / "data"
     write_seed_epochs(data, tiny_model_dir, corpus, epochs=1)
     return data
-
-
-class Sender(threading.Thread):
-    """Pushes `frames` to the trainer over a real PUSH socket, then (optionally) SIGTERMs this process once the
-    trainer's metrics show `signal_at_step`: it can go no further, having no more data."""
-
-    def __init__(self, endpoint: str, frames: list[bytes], output_dir: Path, signal_at_step: int | None = None):
-        super().__init__(daemon=True)
-        self.endpoint, self.frames, self.output_dir, self.signal_at_step = endpoint, frames, output_dir, \
-            signal_at_step
-
-    def run(self):
-        with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as push:
-            push.setsockopt(zmq.LINGER, 5000)
-            push.connect(self.endpoint)
-            for frame in self.frames:
-                push.send(frame)
-            if self.signal_at_step is None:
-                return
-            deadline = time.monotonic() + TIMEOUT_S
-            while time.monotonic() < deadline:
-                if any(r.get("step") == self.signal_at_step for r in train_records(self.output_dir)):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                time.sleep(0.05)
 
 
 def stream_run(model: Path, out: Path, frames: list[bytes], *, signal_at_step: int | None = None) -> int:

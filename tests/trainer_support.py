@@ -7,17 +7,21 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 import seed_reference
 from common.config import CorpusConfig, GenerationConfig
 from common.index import build_or_load_index
 from common.instances import Batch, collate, iter_instances
-from common.vocab import Vocabulary, load_tokenizer
+from common.vocab import Fingerprint, Vocabulary, load_tokenizer
 from common.wire import Header, encode
 from conftest import REPO, tiny_vocab
 
@@ -45,11 +49,11 @@ def real_batches(model_dir: Path, corpus: Path, cache_dir: Path, *, batch_size: 
 
 
 def message(model_dir: Path, batch: Batch, *, epoch_instances: int = 0, sequence: int = 0,
-            vocab: Vocabulary | None = None) -> bytes:
-    """`batch` encoded as a producer would send it, with `vocab`'s fingerprint (the model's by default)."""
-    vocab = vocab or vocabulary(model_dir)
+            fingerprint: Fingerprint | None = None) -> bytes:
+    """`batch` encoded as a producer would send it, with the model's fingerprint unless another is given."""
+    fingerprint = fingerprint or vocabulary(model_dir).fingerprint(batch.input_ids.shape[1])
     header = Header(producer_id="test:1", worker=0, epoch=0, sequence=sequence, epoch_instances=epoch_instances,
-                    fingerprint=vocab.fingerprint(batch.input_ids.shape[1]))
+                    fingerprint=fingerprint)
     return encode(header, batch)
 
 
@@ -113,3 +117,28 @@ def state_dict_of(output_dir: Path) -> dict:
     from transformers import BertForPreTraining
 
     return BertForPreTraining.from_pretrained(str(output_dir)).state_dict()
+
+
+class Sender(threading.Thread):
+    """Pushes `frames` to the trainer over a real PUSH socket, then (optionally) SIGTERMs this process once the
+    trainer's metrics show `signal_at_step`: it can go no further, having no more data."""
+
+    def __init__(self, endpoint: str, frames: list[bytes], output_dir: Path, signal_at_step: int | None = None):
+        super().__init__(daemon=True)
+        self.endpoint, self.frames, self.output_dir, self.signal_at_step = endpoint, frames, output_dir, \
+            signal_at_step
+
+    def run(self):
+        with zmq.Context() as ctx, ctx.socket(zmq.PUSH) as push:
+            push.setsockopt(zmq.LINGER, 5000)
+            push.connect(self.endpoint)
+            for frame in self.frames:
+                push.send(frame)
+            if self.signal_at_step is None:
+                return
+            deadline = time.monotonic() + TIMEOUT_S
+            while time.monotonic() < deadline:
+                if any(r.get("step") == self.signal_at_step for r in train_records(self.output_dir)):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                time.sleep(0.05)
