@@ -132,3 +132,13 @@ def test_a_metrics_file_that_miscounts_is_an_error(seed_data, tiny_model_dir, tm
     s = source(bad, tiny_model_dir, epochs=1)
     with pytest.raises(Exception, match=f"{counts[0]} lines but its metrics file says num_training_examples"):
         s.next_batch()
+
+
+def test_max_steps_beyond_the_data_is_refused_up_front(seed_data, tiny_model_dir, tmp_path):
+    data, counts, _ = seed_data
+    with captured_log() as lines:
+        code = main(trainer_flags(tiny_model_dir, tmp_path / "out", "--pregenerated_data", str(data), "--epochs", "1",
+                                  "--max_steps", "1000"))
+    assert code == EXIT_ERROR
+    assert f"--max_steps 1000 needs 8000 instances but --epochs 1 of the data give {counts[0]}" in "\n".join(lines)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -93,9 +93,13 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
 
 def plan_steps(train: TrainConfig, source) -> int:
     """--max_steps, else the seed's count: the instances of all epochs over the total batch."""
-    if train.max_steps:
-        return train.max_steps
     planned = source.planned_instances(train.epochs)
+    if train.max_steps:
+        if getattr(source, "finite", False) and train.max_steps * train.train_batch_size > planned:
+            raise TrainerError(f"--max_steps {train.max_steps} needs {train.max_steps * train.train_batch_size} "
+                               f"instances but --epochs {train.epochs} of the data give {planned}; raise --epochs "
+                               "or lower --max_steps")
+        return train.max_steps
     if planned is None:
         raise TrainerError("the producer does not announce how many instances an epoch has, so --epochs cannot "
                            "be turned into steps; pass --max_steps")

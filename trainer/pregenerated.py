@@ -133,6 +133,8 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 class PregeneratedSource:
+    finite = True  # it ends after --epochs; a stream does not
+
     def __init__(self, directory: str, epochs: int, vocab: Vocabulary, max_positions: int, micro_batch_size: int,
                  seed: int, *, reduce_memory: bool, pin_memory: bool):
         self.directory = Path(directory)
