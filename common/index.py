@@ -205,6 +205,11 @@ def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int) -
                 drain_one()
         while pending:
             drain_one()
+        # Let the workers exit on their own: the `with` block's terminate() sends SIGTERM, which a worker
+        # still inside fork() can lose when its parent has a Python-level SIGTERM handler (the producer's),
+        # and the pool's join then waits forever.
+        pool.close()
+        pool.join()
 
     lengths = np.concatenate(sentence_lengths) if sentence_lengths else np.zeros(0, np.int64)
     counts = np.concatenate(document_counts) if document_counts else np.zeros(0, np.int64)
