@@ -32,7 +32,7 @@ from common.instances import estimate_epoch_instances
 from common.progress import Every, log
 from common.vocab import Vocabulary, load_tokenizer
 from producer.cli import ProducerConfig
-from producer.worker import Progress, Resume, WorkerJob, dump_worker, stream_worker, worker_main
+from producer.worker import WORKER_SIGNALS, Progress, Resume, WorkerJob, dump_worker, stream_worker, worker_main
 
 MAX_DEATHS = 3  # restarts allowed per worker within DEATH_WINDOW_S; one more death gives up
 DEATH_WINDOW_S = 60.0
@@ -87,6 +87,7 @@ class Slot:
     last: Progress = field(default_factory=Progress)  # the current process's latest report
     earlier: Progress = field(default_factory=Progress)  # totals of the processes before it
     error: str | None = None  # traceback sent by the current process
+    done: bool = False  # the current process said it completed its epochs
     deaths: collections.deque = field(default_factory=collections.deque)
     finished: bool = False
 
@@ -154,9 +155,15 @@ class Supervisor:
         else:
             args = (dump_worker, job, self.config.dump, self.stop, writer)
         process = self.context.Process(target=worker_main, args=args, name=f"worker-{slot.worker}", daemon=True)
-        process.start()
+        # Signals stay blocked across the fork until the child has its own handlers (worker_main unblocks
+        # them): one arriving in between would otherwise run the supervisor's handler in the child.
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         writer.close()  # the child holds the write end now; we see EOF when it exits
-        slot.process, slot.conn, slot.error = process, reader, None
+        slot.process, slot.conn, slot.error, slot.done = process, reader, None, False
         slot.last = Progress(epoch=resume.epoch, epoch_first_sequence=resume.sequence)
         where = ""
         if resume.skip_until:
@@ -203,6 +210,8 @@ class Supervisor:
         elif kind == "part":
             _, worker, epoch, count = message
             self.parts[epoch][worker] = count
+        elif kind == "done":
+            slot.done = True
         elif kind == "error":
             slot.error = message[2]
         elif kind == "trainer_gone":
@@ -220,10 +229,11 @@ class Supervisor:
         slot.earlier = slot.totals()
         slot.process, slot.conn, slot.last = None, None, Progress(epoch=slot.last.epoch,
                                                                   epoch_first_sequence=slot.last.epoch_first_sequence)
-        if process.exitcode == 0:
-            slot.finished = True
+        stopping = self.stop.value or self.signal_received is not None or self.trainer_gone
+        if process.exitcode == 0 and (slot.done or stopping):
             return "finished"
-        log.error("worker %d (pid %d) %s%s", slot.worker, process.pid, describe_exit(process.exitcode),
+        how = describe_exit(process.exitcode) if process.exitcode else "exited before finishing (SIGTERM?)"
+        log.error("worker %d (pid %d) %s%s", slot.worker, process.pid, how,
                   f":\n{slot.error.rstrip()}" if slot.error else "")
         now = time.monotonic()
         slot.deaths.append(now)
@@ -232,7 +242,7 @@ class Supervisor:
         if len(slot.deaths) > MAX_DEATHS:
             log.error("worker %d died %d times within %.0f s: giving up", slot.worker, len(slot.deaths), DEATH_WINDOW_S)
             return "give up"
-        if self.stop.value or self.signal_received is not None:
+        if stopping:
             return "died"
         self.restarts += 1
         # A dump worker resumes at its first epoch without a finished part (it finishes them in order).

@@ -6,9 +6,9 @@ so the stream is reproducible from the seed and the worker count, and a restarte
 exactly the batches its predecessor already sent and skip them.
 
 A worker talks to its supervisor over its own one-way pipe: progress every ~0.5 s, a finished dump part,
-"the trainer is gone", or the traceback of the exception that ends it. It ignores SIGINT (Ctrl-C reaches
-the whole process group; the supervisor decides) and stops when the supervisor's stop flag is set or the
-supervisor itself has disappeared.
+"done" when its epochs are complete, "the trainer is gone", or the traceback of the exception that ends it. It ignores SIGINT (Ctrl-C reaches
+the whole process group; the supervisor decides) and stops cleanly when the supervisor's stop flag is set,
+on SIGTERM, or when the supervisor itself has disappeared.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from common.wire import Header, encode
 from producer.cli import DumpConfig, StreamConfig
 
 REPORT_INTERVAL_S = 0.5
+WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _POLL_MS = 100  # how often a blocked send looks up from the socket to check for stop
 
 
@@ -169,6 +170,14 @@ class PeerWatch:
         return alone if alone >= self.timeout_s else None
 
 
+_terminated = False  # set by SIGTERM in a worker process
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
+
+
 class Guard:
     """The checks a worker makes between batches and while blocked: stop asked, supervisor alive, trainer there."""
 
@@ -177,7 +186,7 @@ class Guard:
         self.watch: PeerWatch | None = None
 
     def check(self) -> None:
-        if self.stop.value:
+        if self.stop.value or _terminated:
             raise Stopped()
         if os.getppid() != self.supervisor_pid:  # the supervisor was killed: do not live on as an orphan
             raise Stopped()
@@ -279,6 +288,7 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
             progress.blocked_s = sender.blocked_s
             reporter.maybe(progress)
             guard.check()
+        conn.send(("done", job.worker))  # all --epochs sent: exit 0 means finished, not stopped
     except Stopped:
         pass
     except TrainerGone as gone:
@@ -313,6 +323,7 @@ def dump_worker(job: WorkerJob, dump: DumpConfig, stop, conn: Connection) -> Non
                         reporter.maybe(progress)
             conn.send(("part", job.worker, epoch, written))
             reporter.now(progress)
+        conn.send(("done", job.worker))
     except Stopped:
         pass
     finally:
@@ -322,7 +333,9 @@ def dump_worker(job: WorkerJob, dump: DumpConfig, stop, conn: Connection) -> Non
 def worker_main(body: Callable, job: WorkerJob, config, stop, conn: Connection, *extra) -> None:
     """Process entry: signals set for a worker, and any exception's traceback sent to the supervisor."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C hits the whole process group; the supervisor decides
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the supervisor's handler: its terminate() must work
+    # SIGTERM to the whole process group (systemd, `kill -- -PGID`) asks for the same clean stop as the flag.
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked by the supervisor across the fork
     try:
         body(job, config, stop, conn, *extra)
     except Exception:

@@ -35,14 +35,15 @@ TIMEOUT_S = 60  # a guard against hangs, never a speed assertion
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
-def start_producer(model: Path, corpus: Path, tmp_path: Path, *flags: str, name: str = "producer"):
+def start_producer(model: Path, corpus: Path, tmp_path: Path, *flags: str, name: str = "producer",
+                   new_session: bool = False):
     log_path = tmp_path / f"{name}.log"
     command = [sys.executable, "-m", "producer", "--train_corpus", str(corpus), "--bert_model", str(model),
                "--do_lower_case", "--cache_dir", str(tmp_path / "cache"), *flags]
     with open(log_path, "w") as log:
         # PYTHONFAULTHANDLER: a producer that hangs is sent SIGABRT (see stop_hung) and prints where it was.
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                   env={**os.environ, "PYTHONFAULTHANDLER": "1"}, start_new_session=new_session)
     return process, log_path
 
 
@@ -63,9 +64,9 @@ def wait_for_log(log_path: Path, pattern: str, process: subprocess.Popen, count:
         if len(found) >= count:
             return found
         if process.poll() is not None:
-            break
+            raise AssertionError(f"{pattern!r} not seen {count} times; log:\n{log_path.read_text()}")
         time.sleep(0.05)
-    raise AssertionError(f"{pattern!r} not seen {count} times; log:\n{log_path.read_text()}")
+    stop_hung(process, log_path, f"{pattern!r} not seen {count} times")
 
 
 def worker_pids(log_path: Path, process: subprocess.Popen, num_workers: int) -> dict[int, int]:
@@ -257,17 +258,36 @@ def test_killed_worker_is_restarted_and_resumes_after_what_it_sent(tiny_model_di
 # --- stopping ---------------------------------------------------------------------------------------------
 
 
-def test_sigterm_while_streaming_leaves_no_process_behind(tiny_model_dir, tiny_corpus, tmp_path, endpoint, pull):
+@pytest.mark.parametrize("target", ["supervisor", "process group"])
+def test_sigterm_while_streaming_leaves_no_process_behind(target, tiny_model_dir, tiny_corpus, tmp_path, endpoint,
+                                                          pull):
     process, log = start_producer(tiny_model_dir, tiny_corpus, tmp_path, "--connect", endpoint, "--num_workers", "2",
-                                  "--batch_size", "4")
+                                  "--batch_size", "4", new_session=True)
     pids = worker_pids(log, process, 2)
     assert pull.poll(TIMEOUT_S * 1000), log.read_text()
     decode(pull.recv())
     assert all(process_state(pid) is not None for pid in pids.values())
-    process.send_signal(signal.SIGTERM)
+    if target == "supervisor":  # docker stop, kill PID
+        process.send_signal(signal.SIGTERM)
+    else:  # systemd, kill -- -PGID: the workers get it too and must stop as cleanly
+        os.killpg(process.pid, signal.SIGTERM)
     assert finish(process, log) == 0, log.read_text()
-    assert "SIGTERM received" in log.read_text()
+    text = log.read_text()
+    assert "SIGTERM received" in text and "ERROR" not in text, text
     assert {pid: process_state(pid) for pid in pids.values()} == {pid: None for pid in pids.values()}
+
+
+def test_worker_stopped_alone_is_restarted(tiny_model_dir, tiny_corpus, tmp_path, endpoint, pull):
+    process, log = start_producer(tiny_model_dir, tiny_corpus, tmp_path, "--connect", endpoint, "--num_workers", "2",
+                                  "--batch_size", "4")
+    try:
+        pids = worker_pids(log, process, 2)
+        os.kill(pids[1], signal.SIGTERM)
+        wait_for_log(log, r"worker 1 started: pid (\d+)", process, count=2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+    assert finish(process, log) == 0
+    assert f"worker 1 (pid {pids[1]}) exited before finishing" in log.read_text()
 
 
 def test_absent_trainer_never_hangs_shutdown(tiny_model_dir, tiny_corpus, tmp_path, endpoint):
