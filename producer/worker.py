@@ -5,10 +5,11 @@ Worker `w` of `n` generates, in each epoch, the instances of the documents `work
 so the stream is reproducible from the seed and the worker count, and a restarted worker can regenerate
 exactly the batches its predecessor already sent and skip them.
 
-A worker talks to its supervisor over its own one-way pipe: progress every ~0.5 s, a finished dump part,
-"done" when its epochs are complete, "the trainer is gone", or the traceback of the exception that ends it. It ignores SIGINT (Ctrl-C reaches
-the whole process group; the supervisor decides) and stops cleanly when the supervisor's stop flag is set,
-on SIGTERM, or when the supervisor itself has disappeared.
+A worker talks to its supervisor over its own one-way pipe (a worker killed mid-write spoils only its own):
+progress every ~0.5 s, a finished dump part, "done" when its epochs are complete, "the trainer is gone",
+or the traceback of the exception that ends it. It ignores SIGINT (Ctrl-C reaches the whole process group;
+the supervisor decides) and stops cleanly when the supervisor's stop flag is set, on SIGTERM, or when the
+supervisor itself has disappeared.
 """
 
 from __future__ import annotations
