@@ -1,16 +1,23 @@
-"""NSP pairs, truncation and masking: the seed's instance generation as pure functions over token ids.
+"""NSP pairs, truncation and masking: the seed's instance generation over token ids, a batch at a time.
 
 The call tree follows Google's `create_pretraining_data.py` and the seed that copied it:
-`create_instances_from_document` → `truncate_seq_pair` → `create_masked_lm_predictions`, then `collate` into
-fixed-shape arrays for `BertForPreTraining`. Every random draw comes from the `numpy.random.Generator` passed
-in. Segments are (start, stop) ranges into the index's flat token array: a document's sentences are
+`create_pairs_from_document` (the chunk loop) → `truncate_pairs` → `mask_batch`, then `Batch`, the
+fixed-shape arrays for `BertForPreTraining`. Every random draw comes from the `numpy.random.Generator`
+passed in. Segments are (start, stop) ranges into the index's flat token array: a document's sentences are
 contiguous there, so a segment of whole sentences is one slice and truncation only moves its ends.
+
+Why a batch at a time: an instance is ~128 tokens, so masking one costs a dozen numpy calls of a few µs
+each on tiny arrays; masking 64 at once costs the same dozen calls. The chunk loop stays per document in
+plain Python, drawing its scalars from a buffer (`ScalarDraws`) rather than one Generator call each, and
+truncation, which does not feed back into the loop, is deferred to the batch too. The per-instance API
+(`TrainingInstance`, `create_instances_from_document`, `iter_instances`, `create_masked_lm_predictions`)
+is the same code on batches, split into rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -19,6 +26,7 @@ from common.index import CorpusIndex
 from common.vocab import Vocabulary
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (PyTorch's cross-entropy default)
+INSTANCE_BATCH = 64  # pairs masked together when instances are asked for one by one (dump, evaluation)
 
 
 @dataclass(frozen=True)
@@ -58,47 +66,92 @@ class Batch:
         dense[rows, self.masked_positions[rows, cols]] = self.masked_labels[rows, cols]
         return dense
 
+    def instances(self) -> list[TrainingInstance]:
+        """The rows as instances (for the seed's records and per-instance callers)."""
+        lengths = self.lengths.tolist()
+        a_lens = (self.lengths - self.token_type_ids.sum(axis=1, dtype=np.int64) - 2).tolist()
+        counts = (self.masked_labels != IGNORE_INDEX).sum(axis=1).tolist()
+        return [TrainingInstance(self.input_ids[row, :n].astype(np.int32), a_len, bool(random_next),
+                                 self.masked_positions[row, :k].astype(np.int32),
+                                 self.masked_labels[row, :k].astype(np.int32))
+                for row, (n, a_len, k, random_next) in enumerate(zip(lengths, a_lens, counts,
+                                                                      self.next_sentence_labels.tolist()))]
+
+
+class SegmentPair(NamedTuple):
+    """Segments A and B as token ranges, before truncation."""
+
+    a_start: int
+    a_stop: int
+    b_start: int
+    b_stop: int
+    is_random_next: bool
+
+
+class ScalarDraws:
+    """Uniform floats from a Generator, a block per numpy call: a Generator scalar call costs 1-3 µs, and the
+    chunk loop needs a few per instance. `below(n)` is floor(u * n), uniform on [0, n) up to the 2^-53
+    granularity of u (a bias below n / 2^53, some 1e-10 for a corpus of a million sentences)."""
+
+    def __init__(self, rng: np.random.Generator, block: int = 256):
+        self.rng, self.block = rng, block
+        self._buffer: list[float] = []
+
+    def uniform(self) -> float:
+        if not self._buffer:
+            self._buffer = self.rng.random(self.block).tolist()
+            self._buffer.reverse()  # pop() from the end hands them out in the drawn order
+        return self._buffer.pop()
+
+    def below(self, n: int) -> int:
+        return min(int(self.uniform() * n), n - 1)  # min: belt and braces; u < 1 already keeps it below n
+
 
 # --- segments -------------------------------------------------------------------------------------------
 
 
-def sample_random_document(index: CorpusIndex, current: int, rng: np.random.Generator) -> int:
+def sample_random_document(index: CorpusIndex, current: int, draws: ScalarDraws) -> int:
     """Another document, chosen with probability proportional to its sentence count (never `current`)."""
     offsets = index.document_offsets.view(np.ndarray)
-    return _sample_other_document(offsets, int(offsets[current]), int(offsets[current + 1]), rng)
+    return _sample_other_document(offsets, int(offsets[current]), int(offsets[current + 1]), draws)
 
 
-def _sample_other_document(document_offsets: np.ndarray, first: int, stop: int, rng: np.random.Generator) -> int:
+def _sample_other_document(document_offsets: np.ndarray, first: int, stop: int, draws: ScalarDraws) -> int:
     """A uniform sentence outside sentences [first, stop), and the document it belongs to."""
     count = stop - first
-    sentence = int(rng.integers(0, int(document_offsets[-1]) - count))
+    sentence = draws.below(int(document_offsets[-1]) - count)
     if sentence >= first:  # skip over the current document's sentences
         sentence += count
     return int(document_offsets.searchsorted(sentence, side="right")) - 1
 
 
-def truncate_seq_pair(a: tuple[int, int], b: tuple[int, int], max_num_tokens: int,
-                      rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Cut the pair to `max_num_tokens`, one token at a time from the longer side, front or back at random.
+def truncate_pairs(a_start: np.ndarray, a_stop: np.ndarray, b_start: np.ndarray, b_stop: np.ndarray,
+                   max_num_tokens: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Cut each pair to `max_num_tokens`, one token at a time from the longer side, front or back at random.
 
     The seed loops per token; this computes how many tokens each side loses (the longer side until the two
     are level, then alternately, ties going to B) and draws each side's front share as a binomial, which is
     the same distribution in O(1), so a 10 MB one-sentence document costs no more than a short one.
+    All arguments are (pairs,) int64 arrays; returns the four cut ones.
     """
-    la, lb = a[1] - a[0], b[1] - b[0]
-    excess = la + lb - max_num_tokens
-    if excess <= 0:
-        return a, b
-    if la > lb:
-        drop_a, drop_b = min(excess, la - lb), 0
-        rest = excess - drop_a
-        drop_b, drop_a = drop_b + (rest + 1) // 2, drop_a + rest // 2
-    else:
-        drop_a, drop_b = 0, min(excess, lb - la + 1)
-        rest = excess - drop_b
-        drop_a, drop_b = drop_a + (rest + 1) // 2, drop_b + rest // 2
+    la, lb = a_stop - a_start, b_stop - b_start
+    excess = np.maximum(la + lb - max_num_tokens, 0)
+    a_longer = la > lb
+    # Until level: the longer side alone (B also takes the first cut of a tie, so it leads by one).
+    level = np.minimum(excess, np.where(a_longer, la - lb, lb - la + 1))
+    rest = excess - level
+    drop_a = np.where(a_longer, level + rest // 2, (rest + 1) // 2)
+    drop_b = np.where(a_longer, (rest + 1) // 2, level + rest // 2)
     front_a, front_b = rng.binomial(drop_a, 0.5), rng.binomial(drop_b, 0.5)
-    return (a[0] + front_a, a[1] - (drop_a - front_a)), (b[0] + front_b, b[1] - (drop_b - front_b))
+    return a_start + front_a, a_stop - (drop_a - front_a), b_start + front_b, b_stop - (drop_b - front_b)
+
+
+def truncate_seq_pair(a: tuple[int, int], b: tuple[int, int], max_num_tokens: int,
+                      rng: np.random.Generator) -> tuple[tuple[int, int], tuple[int, int]]:
+    """`truncate_pairs` for one pair."""
+    cut = truncate_pairs(*(np.array([x], dtype=np.int64) for x in (*a, *b)), max_num_tokens, rng)
+    a0, a1, b0, b1 = (int(x[0]) for x in cut)
+    return (a0, a1), (b0, b1)
 
 
 # --- masking --------------------------------------------------------------------------------------------
@@ -109,77 +162,100 @@ def num_to_mask(length: int, config: GenerationConfig) -> int:
     return min(config.max_predictions_per_seq, max(1, int(round(length * config.masked_lm_prob))))
 
 
-def create_masked_lm_predictions(ids: np.ndarray, a_len: int, config: GenerationConfig, vocab: Vocabulary,
-                                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(masked ids, sorted positions, original ids there) for one `[CLS] A [SEP] B [SEP]` sequence.
+def mask_batch(ids: np.ndarray, lengths: np.ndarray, a_lens: np.ndarray, config: GenerationConfig,
+               vocab: Vocabulary, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Mask `ids` (batch, seq) in place; return (positions, labels), each (batch, max_predictions_per_seq).
 
-    Works on candidate indices (every position but [CLS] and the two [SEP]s, in order: candidate c is
-    position c + 1 in A, c + 2 in B). An instance is ~128 tokens, so a few numpy calls and a short Python
-    loop over the shuffled words cost less than more vectorised bookkeeping would.
+    Per row, the seed's procedure: the candidates (every position but [CLS] and the two [SEP]s) are grouped
+    into words, the words are shuffled, and taken in that order while they fit the budget (a word that would
+    overflow it is skipped, a later shorter one may still fit). Vectorised: each word gets a uniform key and
+    argsort orders a row's words (a uniform random permutation); the greedy walk is done in rounds. A round
+    drops the words larger than what is left of the budget (they can never fit again: it only shrinks),
+    takes the prefix of the rest that fits, and skips the first word that does not; the ones after it wait
+    for the next round. Each round takes at least one word, and two or three end every row.
     """
-    length = len(ids)
-    num_candidates = length - 3
-    budget = num_to_mask(length, config)
+    size, seq = ids.shape
+    pos = np.arange(seq)
+    a_lens, lengths = a_lens[:, None], lengths.astype(np.int64)
+    candidate = (pos >= 1) & (pos < lengths[:, None] - 1) & (pos != a_lens + 1)  # (batch, seq)
+    starts = candidate
     if config.whole_word_mask:
         # A `##` piece joins the word before it, except as the first token of a segment: the word before
         # would be across [CLS] or [SEP] (truncation can leave a piece first; the seed joins it, a bug).
-        starts_word = ~vocab.is_continuation[np.concatenate((ids[1 : a_len + 1], ids[a_len + 2 : length - 1]))]
-        starts_word[0] = starts_word[a_len] = True
-        word_starts = np.flatnonzero(starts_word).tolist()
-        word_ends = word_starts[1:] + [num_candidates]
-        chosen, count = [], 0
-        for word in rng.permutation(len(word_starts)).tolist():
-            if count >= budget:
-                break
-            size = word_ends[word] - word_starts[word]
-            if count + size <= budget:  # the seed skips a word that would overflow and tries the next
-                chosen.extend(range(word_starts[word], word_ends[word]))
-                count += size
-        chosen = np.sort(np.array(chosen, dtype=np.int64))
-    else:
-        # Every candidate is a word of one token: the first `budget` of a shuffle of the candidates.
-        chosen = np.sort(rng.permutation(num_candidates)[:budget])
-    positions = (chosen + 1 + (chosen >= a_len)).astype(np.int32)
-    labels = ids[positions]
+        joins = vocab.is_continuation[ids] & (pos != 1) & (pos != a_lens + 2)
+        starts = candidate & ~joins
+    word_of = np.cumsum(starts, axis=1) - 1  # (batch, seq): a candidate's word, numbered within its row
+    words = int(word_of[:, -1].max()) + 1
+    flat_word = (np.arange(size)[:, None] * words + word_of)[candidate]
+    word_size = np.bincount(flat_word, minlength=size * words).reshape(size, words)  # 0: no such word
+
+    budget = np.minimum(config.max_predictions_per_seq,
+                        np.maximum(1, np.rint(lengths * config.masked_lm_prob).astype(np.int64)))
+    order = np.argsort(np.where(word_size > 0, rng.random((size, words)), 2.0), axis=1)  # missing words last
+    sizes = np.take_along_axis(word_size, order, axis=1)  # (batch, words) in the shuffled order
+    left = budget.copy()
+    taken = np.zeros((size, words), dtype=bool)
+    waiting = sizes > 0
+    rows = np.arange(size)
+    while True:
+        live = waiting & (sizes <= left[:, None])
+        if not live.any():
+            break
+        filled = np.cumsum(np.where(live, sizes, 0), axis=1)
+        take = live & (filled <= left[:, None])
+        taken |= take
+        left -= np.where(take, sizes, 0).sum(axis=1)
+        waiting = live & ~take
+        waiting[rows, waiting.argmax(axis=1)] = False  # the first that did not fit is skipped for good
+
+    taken_word = np.empty_like(taken)
+    np.put_along_axis(taken_word, order, taken, axis=1)
+    chosen = candidate & np.take_along_axis(taken_word, np.maximum(word_of, 0), axis=1)
+    r, c = np.nonzero(chosen)  # row-major: positions ascend within each row
+    slot = (np.cumsum(chosen, axis=1) - 1)[r, c]
+    positions = np.zeros((size, config.max_predictions_per_seq), dtype=np.uint16)
+    labels = np.full((size, config.max_predictions_per_seq), IGNORE_INDEX, dtype=label_dtype(vocab))
+    positions[r, slot] = c
+    labels[r, slot] = ids[r, c]
 
     # 80% [MASK], 10% kept, 10% a uniformly random vocabulary id.
-    draw = rng.random(len(positions))
-    masked = ids.copy()
-    masked[positions[draw < 0.8]] = vocab.mask_id
-    random_slots = positions[draw >= 0.9]
-    masked[random_slots] = rng.integers(0, vocab.size, len(random_slots))
-    return masked, positions, labels
+    draw = rng.random(len(r))
+    ids[r[draw < 0.8], c[draw < 0.8]] = vocab.mask_id
+    random_slots = draw >= 0.9
+    ids[r[random_slots], c[random_slots]] = rng.integers(0, vocab.size, int(random_slots.sum()))
+    return positions, labels
+
+
+def create_masked_lm_predictions(ids: np.ndarray, a_len: int, config: GenerationConfig, vocab: Vocabulary,
+                                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(masked ids, sorted positions, original ids there) for one `[CLS] A [SEP] B [SEP]` sequence."""
+    masked = np.array(ids, dtype=vocab.id_dtype)[None, :]
+    positions, labels = mask_batch(masked, np.array([len(ids)]), np.array([a_len]), config, vocab, rng)
+    k = int((labels[0] != IGNORE_INDEX).sum())
+    return masked[0].astype(np.int32), positions[0, :k].astype(np.int32), labels[0, :k].astype(np.int32)
 
 
 # --- documents ------------------------------------------------------------------------------------------
 
 
-def _assemble(tokens: np.ndarray, a: tuple[int, int], b: tuple[int, int], specials: np.ndarray) -> np.ndarray:
-    """`[CLS] A [SEP] B [SEP]` as int32; `specials` is `[cls_id, sep_id]`."""
-    cls, sep = specials[:1], specials[1:]
-    return np.concatenate((cls, tokens[a[0] : a[1]], sep, tokens[b[0] : b[1]], sep), dtype=np.int32)
-
-
-def create_instances_from_document(index: CorpusIndex, doc: int, config: GenerationConfig, vocab: Vocabulary,
-                                   rng: np.random.Generator) -> list[TrainingInstance]:
-    """All instances whose A segment comes from document `doc`, in order."""
+def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationConfig,
+                               draws: ScalarDraws) -> list[SegmentPair]:
+    """The (untruncated) segment pairs whose A comes from document `doc`, in order."""
     # Plain ndarray views of the maps (indexing an np.memmap goes through Python code), and this document's
     # sentence offsets as Python ints for the chunk loop.
-    tokens = index.tokens.view(np.ndarray)
     all_offsets = index.sentence_offsets.view(np.ndarray)
     document_offsets = index.document_offsets.view(np.ndarray)
     first, stop = int(document_offsets[doc]), int(document_offsets[doc + 1])
     so = all_offsets[first : stop + 1].tolist()  # so[s]: where this document's sentence s starts in `tokens`
     num_sentences = stop - first
-    specials = np.array([vocab.cls_id, vocab.sep_id], dtype=np.int32)
     max_num_tokens = config.max_num_tokens
     # Mostly fill the sequence, but sometimes (short_seq_prob) aim shorter, so the model also sees the
     # short inputs of fine-tuning tasks. Drawn once per document, as in the seed.
     target = max_num_tokens
-    if rng.random() < config.short_seq_prob:
-        target = int(rng.integers(2, max_num_tokens + 1))
+    if draws.uniform() < config.short_seq_prob:
+        target = 2 + draws.below(max_num_tokens - 1)
 
-    instances = []
+    pairs = []
     chunk_start = i = 0
     while i < num_sentences:
         # A chunk is whole sentences: splitting at sentence ends keeps NSP from being too easy.
@@ -187,37 +263,73 @@ def create_instances_from_document(index: CorpusIndex, doc: int, config: Generat
             i += 1
             continue
         chunk_len = i + 1 - chunk_start
-        a_end = chunk_start + (1 if chunk_len == 1 else int(rng.integers(1, chunk_len)))
-        a = (so[chunk_start], so[a_end])
-        if chunk_len == 1 or rng.random() < 0.5:
-            is_random_next = True
-            other = _sample_other_document(document_offsets, first, stop, rng)
+        a_end = chunk_start + (1 if chunk_len == 1 else 1 + draws.below(chunk_len - 1))
+        a_start, a_stop = so[chunk_start], so[a_end]
+        if chunk_len == 1 or draws.uniform() < 0.5:
+            other = _sample_other_document(document_offsets, first, stop, draws)
             o_first, o_stop = int(document_offsets[other]), int(document_offsets[other + 1])
-            b_first = int(rng.integers(o_first, o_stop))
+            b_first = o_first + draws.below(o_stop - o_first)
             # Whole sentences from b_first until B reaches target - len(A) tokens (at least one sentence).
             b_start = int(all_offsets[b_first])
-            wanted = b_start + target - (a[1] - a[0])
+            wanted = b_start + target - (a_stop - a_start)
             b_stop = min(b_first + 1 + int(all_offsets[b_first + 1 : o_stop + 1].searchsorted(wanted)), o_stop)
-            b = (b_start, int(all_offsets[b_stop]))
+            pairs.append(SegmentPair(a_start, a_stop, b_start, int(all_offsets[b_stop]), True))
             # The chunk's unused sentences go back to the document rather than being wasted.
             i = a_end - 1
         else:
-            is_random_next = False
-            b = (so[a_end], so[i + 1])
-        a, b = truncate_seq_pair(a, b, max_num_tokens, rng)
-        a_len = a[1] - a[0]
-        masked, positions, labels = create_masked_lm_predictions(_assemble(tokens, a, b, specials), a_len, config,
-                                                                 vocab, rng)
-        instances.append(TrainingInstance(masked, a_len, is_random_next, positions, labels))
+            pairs.append(SegmentPair(a_start, a_stop, so[a_end], so[i + 1], False))
         i += 1
         chunk_start = i
-    return instances
+    return pairs
+
+
+def make_batch(index: CorpusIndex, pairs: list[SegmentPair], config: GenerationConfig, vocab: Vocabulary,
+               rng: np.random.Generator) -> Batch:
+    """`[CLS] A [SEP] B [SEP]` for each pair, truncated, padded to max_seq_len and masked."""
+    a0, a1, b0, b1, random_next = (np.array(column) for column in zip(*pairs))
+    a0, a1, b0, b1 = truncate_pairs(a0, a1, b0, b1, config.max_num_tokens, rng)
+    a_lens, b_lens = a1 - a0, b1 - b0
+    lengths = a_lens + b_lens + 3
+    pos = np.arange(config.max_seq_len)
+    in_a = pos <= a_lens[:, None]  # (batch, seq); position 0 is [CLS], A is 1..a_len
+    # Where each position's token sits in the corpus (any valid index for the specials and the padding).
+    source = np.where(in_a, a0[:, None] + pos - 1, b0[:, None] + pos - a_lens[:, None] - 2)
+    source = np.clip(source, 0, len(index.tokens) - 1)
+    ids = index.tokens.view(np.ndarray)[source].astype(vocab.id_dtype, copy=False)
+    rows = np.arange(len(pairs))
+    ids[:, 0] = vocab.cls_id
+    ids[rows, a_lens + 1] = ids[rows, lengths - 1] = vocab.sep_id
+    ids[pos >= lengths[:, None]] = vocab.pad_id
+    token_type_ids = ((pos >= a_lens[:, None] + 2) & (pos < lengths[:, None])).astype(np.uint8)
+    positions, labels = mask_batch(ids, lengths, a_lens, config, vocab, rng)
+    return Batch(ids, token_type_ids, lengths.astype(np.uint16), positions, labels, random_next.astype(np.uint8))
+
+
+def iter_batches(index: CorpusIndex, documents: Iterable[int], config: GenerationConfig, vocab: Vocabulary,
+                 rng: np.random.Generator, batch_size: int) -> Iterator[Batch]:
+    """Batches of `batch_size` instances from the documents in order (the last one may be short)."""
+    draws = ScalarDraws(rng)
+    pending: list[SegmentPair] = []
+    for doc in documents:
+        pending += create_pairs_from_document(index, int(doc), config, draws)
+        while len(pending) >= batch_size:
+            yield make_batch(index, pending[:batch_size], config, vocab, rng)
+            del pending[:batch_size]
+    if pending:
+        yield make_batch(index, pending, config, vocab, rng)
+
+
+def create_instances_from_document(index: CorpusIndex, doc: int, config: GenerationConfig, vocab: Vocabulary,
+                                   rng: np.random.Generator) -> list[TrainingInstance]:
+    """All instances whose A segment comes from document `doc`, in order."""
+    pairs = create_pairs_from_document(index, doc, config, ScalarDraws(rng, block=16))
+    return make_batch(index, pairs, config, vocab, rng).instances()
 
 
 def iter_instances(index: CorpusIndex, documents: Iterable[int], config: GenerationConfig, vocab: Vocabulary,
                    rng: np.random.Generator) -> Iterator[TrainingInstance]:
-    for doc in documents:
-        yield from create_instances_from_document(index, int(doc), config, vocab, rng)
+    for batch in iter_batches(index, documents, config, vocab, rng, INSTANCE_BATCH):
+        yield from batch.instances()
 
 
 def epoch_document_order(num_documents: int, seed: int, epoch: int) -> np.ndarray:
@@ -235,7 +347,7 @@ def worker_rng(seed: int, worker: int, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, worker, epoch])
 
 
-# --- batches --------------------------------------------------------------------------------------------
+# --- batches of given instances and the seed's record ------------------------------------------------------
 
 
 def label_dtype(vocab: Vocabulary) -> np.dtype:
@@ -277,17 +389,19 @@ def to_seed_record(inst: TrainingInstance, vocab: Vocabulary) -> dict:
 
 def estimate_epoch_instances(index: CorpusIndex, config: GenerationConfig, vocab: Vocabulary, seed: int,
                              sample_documents: int = 2000) -> int:
-    """Instances in one epoch, from generating a seeded sample of documents and scaling by their token share.
+    """Instances in one epoch, from the pairs of a seeded sample of documents scaled by their token share.
 
-    Counting exactly would mean generating the whole epoch before the first batch; on a sample of 2000
+    Counting exactly would mean a pass over the whole corpus before the first batch; on a sample of 2000
     documents the estimate is within about 1% on real corpora, and exact when the corpus is that small.
+    Only the chunk loop runs (the count does not depend on truncation or masking).
     """
     rng = np.random.default_rng([seed, 0xC0DE])
     if index.num_documents <= sample_documents:
         documents = np.arange(index.num_documents)
     else:
         documents = rng.choice(index.num_documents, sample_documents, replace=False)
-    count = sum(len(create_instances_from_document(index, int(d), config, vocab, rng)) for d in documents)
+    draws = ScalarDraws(rng)
+    count = sum(len(create_pairs_from_document(index, int(d), config, draws)) for d in documents)
     if len(documents) == index.num_documents:
         return count
     so, do = index.sentence_offsets, index.document_offsets

@@ -17,10 +17,10 @@ import pytest
 import seed_reference
 from common.config import GenerationConfig
 from common.index import CorpusIndex
-from common.instances import (IGNORE_INDEX, collate, create_instances_from_document, create_masked_lm_predictions,
-                              epoch_document_order, estimate_epoch_instances, iter_instances, num_to_mask,
-                              sample_random_document, to_seed_record, truncate_seq_pair, worker_documents,
-                              worker_rng)
+from common.instances import (IGNORE_INDEX, ScalarDraws, collate, create_instances_from_document,
+                              create_masked_lm_predictions, epoch_document_order, estimate_epoch_instances,
+                              iter_instances, mask_batch, num_to_mask, sample_random_document, to_seed_record,
+                              truncate_seq_pair, worker_documents, worker_rng)
 from common.vocab import SPECIAL_TOKENS, Vocabulary
 
 # --- synthetic vocabulary and corpora -------------------------------------------------------------------
@@ -212,6 +212,60 @@ def test_whole_word_masking_never_joins_across_cls_or_sep():
     assert seen == {(1, 5), (1, 6), (5, 6), (2, 3)}, seen
 
 
+def seed_masked_set_distribution(tokens: list[str], budget: int) -> dict[tuple[int, ...], float]:
+    """The exact distribution of the seed's set of masked positions, over every order of the words."""
+    import itertools
+    import math
+
+    words = []
+    for p, token in enumerate(tokens):
+        if token in ("[CLS]", "[SEP]"):
+            continue
+        if token.startswith("##") and words and words[-1][-1] == p - 1:
+            words[-1].append(p)
+        else:
+            words.append([p])
+    counts: dict[tuple[int, ...], int] = {}
+    for order in itertools.permutations(words):
+        chosen: list[int] = []
+        for word in order:  # the seed's walk: stop when full, skip a word that would overflow
+            if len(chosen) >= budget:
+                break
+            if len(chosen) + len(word) <= budget:
+                chosen += word
+        key = tuple(sorted(chosen))
+        counts[key] = counts.get(key, 0) + 1
+    total = math.factorial(len(words))
+    return {key: n / total for key, n in counts.items()}
+
+
+def test_whole_word_selection_matches_the_seeds_exact_distribution():
+    """Words of 2, 1, 3, 1 and 2 pieces and a budget of 4: the seed's walk often skips a word and goes on.
+
+    The exact distribution of the masked set comes from all 120 orders of the 5 words; ours is sampled on one
+    batch of 20,000 identical rows (so the vectorised rounds run with rows in every state at once). Each
+    set's share must be within 5 binomial standard errors of its probability.
+    """
+    tokens = ["[CLS]", "w", "##x", "w", "w", "##x", "##x", "w", "[SEP]", "w", "##x", "[SEP]"]
+    vocab = Vocabulary(tokens=tuple(SPECIAL_TOKENS) + ("w", "##x"),
+                       is_continuation=np.array([False] * 6 + [True]), do_lower_case=True, sha256="toy")
+    config = GenerationConfig(max_seq_len=12, masked_lm_prob=1 / 3, max_predictions_per_seq=4, whole_word_mask=True)
+    assert num_to_mask(len(tokens), config) == 4
+    expected = seed_masked_set_distribution(tokens, 4)
+    n = 20_000
+    ids = np.tile(np.array([vocab.id_of(t) for t in tokens], dtype=vocab.id_dtype), (n, 1))
+    positions, labels = mask_batch(ids, np.full(n, len(tokens)), np.full(n, 7), config, vocab,
+                                   np.random.default_rng(0))
+    observed: dict[tuple[int, ...], int] = {}
+    for row_positions, row_labels in zip(positions.tolist(), labels.tolist()):
+        key = tuple(p for p, label in zip(row_positions, row_labels) if label != IGNORE_INDEX)
+        observed[key] = observed.get(key, 0) + 1
+    assert set(observed) <= set(expected), set(observed) - set(expected)
+    for key, p in expected.items():
+        share = observed.get(key, 0) / n
+        assert abs(share - p) < 5 * np.sqrt(p * (1 - p) / n), (key, share, p)
+
+
 def test_masked_count_shortfall_with_whole_words_is_allowed_and_zero_can_happen():
     """A budget of 1 and only two-piece words: the seed skips every word, so nothing is masked."""
     vocab = Vocabulary(tokens=tuple(SPECIAL_TOKENS) + ("w", "##x"),
@@ -317,13 +371,13 @@ def test_truncation_of_a_very_long_sentence_is_constant_time():
 
 def test_sample_random_document_is_sentence_weighted_and_never_current():
     index = CorpusIndex.from_arrays([[[5]], [[6]], [[7]] * 8, [[8]] * 2])
-    rng = np.random.default_rng(0)
+    draws = ScalarDraws(np.random.default_rng(0))
     n = 6000
-    picks = np.array([sample_random_document(index, 0, rng) for _ in range(n)])
+    picks = np.array([sample_random_document(index, 0, draws) for _ in range(n)])
     assert set(picks.tolist()) == {1, 2, 3}
     # Shares 1/11, 8/11, 2/11; binomial standard error at n=6,000 is at most 0.0058; allow 5 of them.
     np.testing.assert_allclose(np.bincount(picks, minlength=4)[1:] / n, [1 / 11, 8 / 11, 2 / 11], atol=0.029)
-    picks = [sample_random_document(index, 2, rng) for _ in range(300)]
+    picks = [sample_random_document(index, 2, draws) for _ in range(300)]
     assert 2 not in picks and {0, 1, 3} == set(picks)
 
 
