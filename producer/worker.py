@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass
 from itertools import count
 from multiprocessing.connection import Connection
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -31,7 +31,7 @@ from zmq.utils.monitor import recv_monitor_message
 from common import seedformat
 from common.config import GenerationConfig
 from common.index import CorpusIndex
-from common.instances import TrainingInstance, collate, iter_instances, worker_documents, worker_rng
+from common.instances import Batch, TrainingInstance, iter_batches, iter_instances, worker_documents, worker_rng
 from common.vocab import Vocabulary
 from common.wire import Header, encode
 from producer.cli import DumpConfig, StreamConfig
@@ -99,28 +99,20 @@ def iter_shard(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabula
     return iter_instances(index, documents, generation, vocab, worker_rng(seed, worker, epoch))
 
 
-def batched(items: Iterable, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabulary, seed: int, worker: int,
                         num_workers: int, batch_size: int, first_epoch: int = 0,
-                        epochs: int | None = None) -> Iterator[tuple[int, list[TrainingInstance]]]:
-    """(epoch, instances) per message, epochs `first_epoch` up to `epochs` (None: forever).
+                        epochs: int | None = None) -> Iterator[tuple[int, Batch]]:
+    """(epoch, batch) per message, epochs `first_epoch` up to `epochs` (None: forever).
 
-    A batch never spans two epochs (the header carries one epoch), so each epoch's last batch of a worker
-    may be short.
+    Each batch is generated whole (pairs, then truncation and masking on the batch's arrays), so it goes to
+    the wire as it is. A batch never spans two epochs (the header carries one epoch), so each epoch's last
+    batch of a worker may be short. The stream depends on the batch size as well as the seed and the worker
+    count (masking draws per batch).
     """
     for epoch in count(first_epoch) if epochs is None else range(first_epoch, epochs):
-        for instances in batched(iter_shard(index, generation, vocab, seed, worker, num_workers, epoch), batch_size):
-            yield epoch, instances
+        documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers)
+        for batch in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), batch_size):
+            yield epoch, batch
 
 
 # --- talking to the supervisor ----------------------------------------------------------------------------
@@ -273,7 +265,7 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
     try:
         batches = iter_worker_batches(job.index, job.generation, job.vocab, job.seed, job.worker, job.num_workers,
                                       stream.batch_size, resume.epoch, stream.epochs)
-        for epoch, instances in batches:
+        for epoch, batch in batches:
             if epoch != progress.epoch:
                 progress.epoch, progress.epoch_first_sequence = epoch, sequence
                 reporter.now(progress)  # a restart then regenerates at most this epoch's head to skip it
@@ -281,10 +273,10 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
                 sequence += 1
                 continue
             header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint)
-            sender.send(encode(header, collate(instances, job.generation, job.vocab)))
+            sender.send(encode(header, batch))
             sequence += 1
             sent.value = sequence
-            progress.instances += len(instances)
+            progress.instances += batch.size
             progress.batches += 1
             progress.blocked_s = sender.blocked_s
             reporter.maybe(progress)

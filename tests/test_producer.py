@@ -20,7 +20,6 @@ import zmq
 
 from common.config import CorpusConfig, GenerationConfig
 from common.index import build_or_load_index
-from common.instances import collate
 from common.vocab import Vocabulary, load_tokenizer
 from common.wire import Message, decode
 from conftest import REPO, write_corpus, write_tiny_model
@@ -118,9 +117,9 @@ def expected_batches(model: Path, corpus: Path, tmp_path: Path, generation: Gene
     """The batches a worker must send, generated in this process from the index the producer cached."""
     vocab = Vocabulary.from_tokenizer(load_tokenizer(model, True), True)
     index = build_or_load_index(CorpusConfig((str(corpus),), str(model), True, str(tmp_path / "cache")), vocab, 1)
-    for epoch, instances in iter_worker_batches(index, generation, vocab, seed, worker, num_workers, batch_size,
-                                                epochs=epochs):
-        yield epoch, instances, collate(instances, generation, vocab)
+    for epoch, batch in iter_worker_batches(index, generation, vocab, seed, worker, num_workers, batch_size,
+                                            epochs=epochs):
+        yield epoch, batch.instances(), batch
 
 
 def assert_same_batch(got, want) -> None:
