@@ -10,7 +10,8 @@ import pytest
 from conftest import write_corpus
 from trainer import EXIT_OK
 from trainer.cli import main
-from trainer_support import captured_log, train_records, trainer_flags, write_seed_epochs
+from trainer_support import (captured_log, read_metrics, real_batches, train_records, trainer_flags,
+                             write_seed_epochs)
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +43,48 @@ def test_precision_flags_on_the_cpu(tiny_model_dir, seed_data, tmp_path, flag):
     fell_back = "--fp16 needs a CUDA GPU; training on the CPU in float32 instead" in lines
     assert fell_back == (flag == "--fp16")
     assert any(line.endswith(("bf16 on cpu" if flag == "--bf16" else "fp32 on cpu")) for line in lines), lines
+
+
+def run_loop(model_dir: Path, batches, runtime, out: Path, steps: int) -> tuple[list[dict], dict]:
+    """train_loop itself, fed from memory, with the given (possibly CPU-fp16) runtime."""
+    import threading
+
+    from trainer.cli import TrainConfig
+    from trainer.loop import build_optimizer, make_scaler, train_loop
+    from trainer.metrics import MetricsLog
+    from trainer.model import load_model
+    from trainer.source import MemorySource
+
+    model = load_model(model_dir)
+    train = TrainConfig(output_dir=str(out), train_batch_size=8, logging_steps=1, learning_rate=1e-3,
+                        warmup_proportion=0.0)
+    optimizer, scheduler = build_optimizer(model, train, steps, runtime.device)
+    out.mkdir()
+    metrics = MetricsLog(out, True, None)
+    try:
+        train_loop(model, MemorySource(batches, 8), optimizer, scheduler, make_scaler(runtime), runtime, train,
+                   steps, 0, None, metrics, lambda step, state: None, threading.Event(), 0)
+    finally:
+        metrics.close()
+    return read_metrics(out), model.state_dict()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.parametrize("static_scale, overflows", [(None, False), (128.0, False), (3e38, True)])
+def test_the_gradscaler_sequence(tiny_model_dir, tmp_path, static_scale, overflows):
+    """fp16 with a GradScaler, run on the CPU here (the CLI only enables it on CUDA): a static scale never
+    moves, and a step whose scaled gradients overflow is skipped, leaving the weights as they were."""
+    import torch
+
+    from trainer.loop import Runtime
+    from trainer.model import load_model
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    batches = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=3)
+    runtime = Runtime(torch.device("cpu"), "fp16", torch.float16, static_scale)
+    records, weights = run_loop(tiny_model_dir, batches, runtime, tmp_path / "out", steps=3)
+    assert [r["loss_scale"] for r in records] == pytest.approx([static_scale or 2.0**16] * 3)
+    before = load_model(tiny_model_dir).state_dict()
+    changed = not torch.equal(before["bert.pooler.dense.weight"], weights["bert.pooler.dense.weight"])
+    assert changed != overflows
+    assert all((r["grad_norm"] is None) == overflows for r in records)  # inf/nan written as null

@@ -12,6 +12,7 @@ import contextlib
 import random
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -205,8 +206,12 @@ def run_training(config: TrainerConfig, stop: threading.Event) -> None:
             log.info("checkpoint: %s", path)
             return path
 
-        train_loop(model, source, optimizer, scheduler, scaler, runtime, train, total_steps, start_step,
-                   evaluator, metrics, save, stop, config.eval.eval_steps)
+        with warnings.catch_warnings():
+            # A step the GradScaler skips (an fp16 overflow, common in the first steps) makes torch warn that
+            # the schedule stepped before the optimizer: intended here, as in every GradScaler loop.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            train_loop(model, source, optimizer, scheduler, scaler, runtime, train, total_steps, start_step,
+                       evaluator, metrics, save, stop, config.eval.eval_steps)
         if dist.is_main:
             save_final(output_dir, model, tokenizer)
             log.info("done: model and tokenizer saved in %s", output_dir)
