@@ -69,7 +69,7 @@ def run_loop(model_dir: Path, batches, runtime, out: Path, steps: int) -> tuple[
     return read_metrics(out), model.state_dict()
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler\.step\(\)` before")
 @pytest.mark.parametrize("static_scale, overflows", [(None, False), (128.0, False), (3e38, True)])
 def test_the_gradscaler_sequence(tiny_model_dir, tmp_path, static_scale, overflows):
     """fp16 with a GradScaler, run on the CPU here (the CLI only enables it on CUDA): a static scale never
