@@ -71,3 +71,15 @@ def test_help_lists_the_exit_codes():
                             timeout=60)
     assert result.returncode == EXIT_OK
     assert "75 stopped by SIGTERM/SIGINT" in result.stdout and "--pregenerated_data" in result.stdout
+
+
+def test_an_output_dir_that_cannot_be_made_is_an_error_naming_it(tiny_model_dir, tmp_path):
+    from trainer import EXIT_ERROR
+    from trainer_support import captured_log
+
+    (tmp_path / "a_file").write_text("not a folder")
+    out = tmp_path / "a_file" / "out"
+    with captured_log() as lines:
+        code = main(["--bert_model", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "1"])
+    assert code == EXIT_ERROR
+    assert any(str(out) in line for line in lines if line.startswith("NotADirectoryError")), lines

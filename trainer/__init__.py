@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpoint saved, run again to resume
+EXIT_INTERRUPTED = 130  # a second signal: stopped at once, without a checkpoint
 
 
 class TrainerError(RuntimeError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.progress import log, setup_logging
 from common.wire import DEFAULT_MAX_MESSAGE_BYTES
-from trainer import EXIT_ERROR, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
+from trainer import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 _ENDPOINT = re.compile(r"^(tcp://[^\s:]+:(\d+|\*)|ipc://\S+|inproc://\S+)$")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bertstream-trainer",
         description="Fine-tune BertForPreTraining (MLM + NSP) on a bertstream stream or on seed-format files.",
         epilog="Exit codes: 0 done; 1 error; 2 bad flags; 75 stopped by SIGTERM/SIGINT with a checkpoint saved "
-               "(run the same command again to resume).")
+               "(run the same command again to resume); 130 a second signal stopped it without one.")
     seed = p.add_argument_group("the seed's flags (finetune_on_pregenerated.py)")
     seed.add_argument("--pregenerated_data", type=str, default=None,
                       help="read the seed's epoch_{i}.json files from this folder instead of the stream")
@@ -319,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainerError, CorpusError, ModelNotFoundError) as exc:
         log.error("%s", exc)
         return EXIT_ERROR
+    except OSError as exc:  # an unwritable --output_dir, a full disk outside a checkpoint: the message names the path
+        log.error("%s: %s", type(exc).__name__, exc)
+        return EXIT_ERROR
+    except KeyboardInterrupt as exc:  # a second SIGINT/SIGTERM while the first was being honoured
+        log.error("%s", exc or "interrupted")
+        return EXIT_INTERRUPTED
     return EXIT_OK
 
 
