@@ -40,6 +40,7 @@ def test_masked_head_gives_the_stock_loss_and_gradients(tiny_model_dir, batch):
     stock, stock_grads = grads_after(model, stock_pretraining_loss, batch)
 
     assert batch.masked_labels.ne(IGNORE_INDEX).sum() > 0
+    assert batch.attention_mask.eq(0).any()  # padded rows: the attention masks must agree too
     torch.testing.assert_close(ours.loss, stock.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.mlm_loss, stock.mlm_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.nsp_loss, stock.nsp_loss, rtol=1e-5, atol=1e-6)

@@ -90,8 +90,10 @@ def load_tokenizer_for_saving(model_dir: Path, do_lower_case: bool):
 
 def pretraining_loss(model, batch: TensorBatch) -> PretrainingOutput:
     """MLM + NSP loss with the prediction head applied only at the masked positions."""
-    encoded = model.bert(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         token_type_ids=batch.token_type_ids)
+    # A ready 4-D boolean mask goes to SDPA as it is. Given the 2-D mask, transformers checks `mask.all()` on
+    # the host before every forward pass (to drop the mask when nothing is padded): a device sync per step.
+    mask = batch.attention_mask[:, None, None, :].bool()  # (batch, 1, 1, seq), True where attended
+    encoded = model.bert(input_ids=batch.input_ids, attention_mask=mask, token_type_ids=batch.token_type_ids)
     hidden = encoded.last_hidden_state  # (batch, seq, hidden)
     index = batch.masked_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (batch, preds, hidden)
     mlm_logits = model.cls.predictions(torch.gather(hidden, 1, index))  # (batch, preds, vocab)
