@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from common.vocab import Vocabulary, load_tokenizer, resolve_model_dir
 
 INDEX_FORMAT = 1
 _CHUNK_CHARS = 1 << 20  # text per tokenizing task: large enough to amortise IPC, small enough to stream
+TOKENIZER_NICENESS = 10  # added to the tokenizing processes' nice value
 _ARRAYS = ("tokens", "sentence_offsets", "document_offsets")
 
 
@@ -74,6 +76,17 @@ class CorpusIndex:
         return cls(tokens, sentence_offsets, document_offsets)
 
 
+@dataclass(frozen=True)
+class IndexChunk:
+    """What a build has just tokenized, in corpus order: whole documents (for a progressive start)."""
+
+    tokens: np.ndarray  # (n_tokens,) the index's dtype
+    sentence_lengths: np.ndarray  # (n_sentences,) int64, every one > 0
+    document_counts: np.ndarray  # (n_documents,) int64 sentences per document, every one > 0
+    text_chars: int  # characters of text tokenized so far, this chunk included
+    total_bytes: int  # size of the corpus files (compressed size for gzip)
+
+
 def index_key(corpus: CorpusConfig, vocab: Vocabulary) -> str:
     import hashlib
 
@@ -92,8 +105,12 @@ def load_index(path: Path) -> CorpusIndex:
     return index
 
 
-def build_or_load_index(corpus: CorpusConfig, vocab: Vocabulary, num_procs: int) -> CorpusIndex:
-    """The cached index of this corpus and vocabulary, built first if it is missing or damaged."""
+def build_or_load_index(corpus: CorpusConfig, vocab: Vocabulary, num_procs: int,
+                        on_chunk: Callable[[IndexChunk], None] | None = None) -> CorpusIndex:
+    """The cached index of this corpus and vocabulary, built first if it is missing or damaged.
+
+    `on_chunk`, if given, sees each tokenized piece as a build goes (never called for a cached index).
+    """
     cache_root = Path(corpus.cache_dir).expanduser()
     key = index_key(corpus, vocab)
     final = cache_root / f"index-{key}"
@@ -110,7 +127,7 @@ def build_or_load_index(corpus: CorpusConfig, vocab: Vocabulary, num_procs: int)
     _remove_stale_temporaries(cache_root, key)
     tmp = Path(tempfile.mkdtemp(prefix=f"index-{key}.tmp-", dir=cache_root))
     try:
-        _build(corpus, vocab, tmp, num_procs)
+        _build(corpus, vocab, tmp, num_procs, on_chunk)
         try:
             os.rename(tmp, final)
         except OSError:
@@ -138,6 +155,11 @@ _worker_tokenizer = None
 def _init_tokenizer_worker(model_dir: str, do_lower_case: bool) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes, not Rayon threads
+    # Below the processes that start the stream (the trainer loading its model, a producer's early stream):
+    # a build is the background of a start-up, and on a machine with no idle core it would otherwise hold
+    # back the first step. Alone on the machine it runs at full speed all the same.
+    if hasattr(os, "nice"):
+        os.nice(TOKENIZER_NICENESS)
     _worker_tokenizer = load_tokenizer(Path(model_dir), do_lower_case)
 
 
@@ -163,7 +185,8 @@ def _chunks(documents, chunk_chars: int):
         yield chunk, size
 
 
-def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int) -> None:
+def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int,
+           on_chunk: Callable[[IndexChunk], None] | None) -> None:
     stats = CorpusStats()
     model_dir = str(resolve_model_dir(corpus.bert_model))
     dtype = vocab.id_dtype
@@ -189,11 +212,14 @@ def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int) -
             doc_of_sentence = np.repeat(np.arange(len(counts)), counts)
             kept_counts = np.bincount(doc_of_sentence[keep], minlength=len(counts))
             empty_token_documents += int((kept_counts == 0).sum())
-            raw.write(ids.astype(dtype).tobytes())
+            ids = ids.astype(dtype)
+            raw.write(ids.tobytes())
             sentence_lengths.append(lengths[keep])
             document_counts.append(kept_counts[kept_counts > 0])
             n_tokens += len(ids)
             done_chars += chars
+            if on_chunk is not None:
+                on_chunk(IndexChunk(ids, sentence_lengths[-1], document_counts[-1], done_chars, total_bytes))
             if ticker.due():
                 elapsed = time.monotonic() - start
                 log.info("tokenizing: %.1f MB of %.1f MB text, %.2f MB/s, %d tokens",
