@@ -344,9 +344,16 @@ def epoch_document_order(num_documents: int, seed: int, epoch: int) -> np.ndarra
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(num_documents)
 
 
-def worker_documents(num_documents: int, seed: int, epoch: int, worker: int, num_workers: int) -> np.ndarray:
-    """The documents whose instances `worker` generates in `epoch`: each document belongs to exactly one."""
-    return epoch_document_order(num_documents, seed, epoch)[worker::num_workers]
+def worker_documents(num_documents: int, seed: int, epoch: int, worker: int, num_workers: int,
+                     sent_before: int = 0) -> np.ndarray:
+    """The documents whose instances `worker` generates in `epoch`: each document belongs to exactly one.
+
+    `sent_before`: documents [0, sent_before) are left out (a cold start's early stream sent them in epoch 0).
+    """
+    order = epoch_document_order(num_documents, seed, epoch)
+    if sent_before:
+        order = order[order >= sent_before]
+    return order[worker::num_workers]
 
 
 def worker_rng(seed: int, worker: int, epoch: int) -> np.random.Generator:

@@ -32,6 +32,7 @@ from common.instances import estimate_epoch_instances
 from common.progress import Every, log
 from common.vocab import Vocabulary, load_tokenizer
 from producer.cli import ProducerConfig
+from producer.early import EarlyStream
 from producer.worker import WORKER_SIGNALS, Progress, Resume, WorkerJob, dump_worker, stream_worker, worker_main
 
 MAX_DEATHS = 3  # restarts allowed per worker within DEATH_WINDOW_S; one more death gives up
@@ -48,18 +49,35 @@ class Resources:
     vocab: Vocabulary
     index: CorpusIndex  # memory-mapped: forked workers share the pages
     epoch_instances: int  # estimated instances in one epoch (sent in every header)
+    early_documents: int = 0  # epoch 0's documents already streamed while the index was built (producer.early)
 
 
 def prepare(config: ProducerConfig, model_dir: Path) -> Resources:
     """Vocabulary, the corpus index (built in parallel if not cached) and the epoch-size estimate."""
     vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, config.corpus.do_lower_case),
                                       config.corpus.do_lower_case)
-    index = build_or_load_index(config.corpus, vocab, num_procs=config.pool.num_workers)
+    early = None
+    if config.stream is not None:  # a cold start streams epoch 0 from the documents already tokenized
+        early = EarlyStream(config.stream, config.generation, vocab, config.pool.seed, producer_id(),
+                            worker=config.pool.num_workers)
+    try:
+        index = build_or_load_index(config.corpus, vocab, num_procs=config.pool.num_workers,
+                                    on_chunk=early.on_chunk if early else None)
+        early_documents = early.finish() if early else 0
+    except BaseException:
+        if early:
+            early.abort()
+        raise
     started = time.monotonic()
     epoch_instances = estimate_epoch_instances(index, config.generation, vocab, config.pool.seed)
     log.info("epoch: ~%d instances from %d documents (estimated in %.1f s)", epoch_instances,
              index.num_documents, time.monotonic() - started)
-    return Resources(model_dir, vocab, index, epoch_instances)
+    return Resources(model_dir, vocab, index, epoch_instances, early_documents)
+
+
+def producer_id() -> str:
+    """host:pid of the supervisor: the same in every header of this producer, its workers' and its early stream's."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def raise_on_sigterm() -> None:
@@ -104,7 +122,7 @@ class Supervisor:
         # The stop flag is one shared byte, not a multiprocessing.Event: an Event has a lock inside, and a
         # worker killed while holding it (SIGKILL, the OOM killer) would hang every other reader and set().
         self.stop = self.context.RawValue(ctypes.c_bool, False)
-        self.producer_id = f"{socket.gethostname()}:{os.getpid()}"
+        self.producer_id = producer_id()
         self.slots = [Slot(w, self.context.RawValue("q", 0)) for w in range(config.pool.num_workers)]
         self.signal_received: int | None = None
         self.trainer_gone = False
@@ -149,6 +167,7 @@ class Supervisor:
             generation=self.config.generation, vocab=self.resources.vocab, index=self.resources.index,
             supervisor_pid=os.getpid(), producer_id=self.producer_id,
             epoch_instances=self.resources.epoch_instances, resume=resume,
+            early_documents=self.resources.early_documents,
         )
         if self.config.stream is not None:
             args = (stream_worker, job, self.config.stream, self.stop, writer, slot.sent)

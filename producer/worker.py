@@ -76,6 +76,7 @@ class WorkerJob:
     producer_id: str = ""  # host:pid of the supervisor, the same for every worker and restart
     epoch_instances: int = 0  # the supervisor's estimate of the instances in a whole epoch
     resume: Resume = Resume()
+    early_documents: int = 0  # documents [0, early_documents) of epoch 0 went out in a cold start's early stream
 
 
 @dataclass
@@ -100,17 +101,18 @@ def iter_shard(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabula
 
 
 def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabulary, seed: int, worker: int,
-                        num_workers: int, batch_size: int, first_epoch: int = 0,
-                        epochs: int | None = None) -> Iterator[tuple[int, Batch]]:
+                        num_workers: int, batch_size: int, first_epoch: int = 0, epochs: int | None = None,
+                        early_documents: int = 0) -> Iterator[tuple[int, Batch]]:
     """(epoch, batch) per message, epochs `first_epoch` up to `epochs` (None: forever).
 
     Each batch is generated whole (pairs, then truncation and masking on the batch's arrays), so it goes to
     the wire as it is. A batch never spans two epochs (the header carries one epoch), so each epoch's last
     batch of a worker may be short. The stream depends on the batch size as well as the seed and the worker
-    count (masking draws per batch).
+    count (masking draws per batch). Epoch 0 leaves out the documents an early stream sent (producer.early).
     """
     for epoch in count(first_epoch) if epochs is None else range(first_epoch, epochs):
-        documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers)
+        documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers,
+                                     early_documents if epoch == 0 else 0)
         for batch in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), batch_size):
             yield epoch, batch
 
@@ -264,7 +266,7 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
     sender = Sender(stream, guard, while_blocked)
     try:
         batches = iter_worker_batches(job.index, job.generation, job.vocab, job.seed, job.worker, job.num_workers,
-                                      stream.batch_size, resume.epoch, stream.epochs)
+                                      stream.batch_size, resume.epoch, stream.epochs, job.early_documents)
         for epoch, batch in batches:
             if epoch != progress.epoch:
                 progress.epoch, progress.epoch_first_sequence = epoch, sequence
