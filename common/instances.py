@@ -67,6 +67,10 @@ class Batch:
         dense[rows, self.masked_positions[rows, cols]] = self.masked_labels[rows, cols]
         return dense
 
+    def rows(self, start: int, stop: int) -> "Batch":
+        """Rows [start, stop) as a batch of their own (views, no copy)."""
+        return Batch(**{name: getattr(self, name)[start:stop] for name in self.FIELDS})
+
     def instances(self) -> list[TrainingInstance]:
         """The rows as instances (for the seed's records and per-instance callers)."""
         lengths = self.lengths.tolist()

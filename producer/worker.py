@@ -37,6 +37,7 @@ from common.wire import Header, encode
 from producer.cli import DumpConfig, StreamConfig
 
 REPORT_INTERVAL_S = 0.5
+GENERATION_ROWS = 128  # instances generated and masked together at least (numpy calls cost per batch, not per row)
 WORKER_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _POLL_MS = 100  # how often a blocked send looks up from the socket to check for stop
 
@@ -105,16 +106,20 @@ def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab:
                         early_documents: int = 0) -> Iterator[tuple[int, Batch]]:
     """(epoch, batch) per message, epochs `first_epoch` up to `epochs` (None: forever).
 
-    Each batch is generated whole (pairs, then truncation and masking on the batch's arrays), so it goes to
-    the wire as it is. A batch never spans two epochs (the header carries one epoch), so each epoch's last
-    batch of a worker may be short. The stream depends on the batch size as well as the seed and the worker
-    count (masking draws per batch). Epoch 0 leaves out the documents an early stream sent (producer.early).
+    Batches are generated whole (pairs, then truncation and masking on the batch's arrays) in blocks of at
+    least GENERATION_ROWS instances, and messages are rows of them, so they go to the wire as they are. A batch
+    never spans two epochs (the header carries one epoch), so each epoch's last batch of a worker may be
+    short. The stream depends on the batch size as well as the seed and the worker count (masking draws per
+    block). Epoch 0 leaves out the documents a cold start's early stream sent (producer.early).
     """
+    # Small messages are cut from larger generated batches: masking costs about the same per batch of 8 or 128.
+    block = batch_size * -(-GENERATION_ROWS // batch_size)
     for epoch in count(first_epoch) if epochs is None else range(first_epoch, epochs):
         documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers,
                                      early_documents if epoch == 0 else 0)
-        for batch in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), batch_size):
-            yield epoch, batch
+        for generated in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), block):
+            for start in range(0, generated.size, batch_size):
+                yield epoch, generated.rows(start, start + batch_size)
 
 
 # --- talking to the supervisor ----------------------------------------------------------------------------
