@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--ranks_per_endpoint", type=int, default=1,
                         help="a tcp endpoint stands for this many trainer ranks on consecutive ports "
                         "(PORT, PORT+1, ...), as torchrun's ranks bind them (default %(default)s)")
-    stream.add_argument("--batch_size", type=int, default=32, help="instances per message (default %(default)s)")
+    stream.add_argument("--batch_size", type=int, default=128,
+                        help="instances per message (default %(default)s); the trainer re-slices them into its own "
+                        "micro-batches, so this only trades per-message overhead for latency")
     stream.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (default: never)")
     stream.add_argument("--hwm_batches", type=int, default=8,
                         help="send high-water mark per endpoint, in batches: a slow or absent trainer blocks "
