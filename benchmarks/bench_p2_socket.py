@@ -1,0 +1,158 @@
+"""P2: instances per second delivered through a real ZeroMQ socket into a receiver that decodes them to torch
+tensors, against what the same worker generates with no socket at all.
+
+Two windows of `--seconds`, alternating, `--repeats` times, the index warm:
+
+- delivered: a real `python -m producer --num_workers 1 --connect` (supervisor and worker pinned to one core)
+  pushes to a PULL socket in this process (pinned to another core), which receives, decodes
+  (`common.wire.decode`, every field checked) and makes the trainer's int64 tensors (`trainer.source.to_tensors`).
+- generated: the worker's own loop (`iter_batches` + `encode`, no socket) in a process pinned to the same core
+  as the producer, for the same time.
+
+Ratio = delivered / generated; 1.0 means the socket, the receiver and the supervisor cost the worker nothing.
+Wall-clock rates on pinned cores (a rate through a socket has no CPU-time equivalent); run on an otherwise
+idle machine, or read the load averages printed with the result.
+
+    .venv/bin/python benchmarks/bench_p2_socket.py        # ~1.5 min
+
+Prints a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import support  # noqa: E402
+
+
+def generate_for(seconds: float, corpus: str, cache_dir: str, batch_size: int) -> None:
+    """Child mode: the worker's loop without a socket for `seconds` of wall time; prints instances/s."""
+    from common.config import GenerationConfig
+    from common.instances import iter_batches, worker_documents, worker_rng
+    from common.wire import Header, encode
+
+    vocab, index = support.build_index(corpus, support.minilm_dir(), cache_dir)
+    config = GenerationConfig()
+    header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))
+    count, epoch = 0, 0
+    start = time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end:
+        documents = worker_documents(index.num_documents, 42, epoch, 0, 1)
+        for batch in iter_batches(index, documents, config, vocab, worker_rng(42, 0, epoch), batch_size):
+            encode(header, batch)
+            count += batch.size
+            if time.monotonic() >= end:
+                break
+        epoch += 1
+    print(count / (time.monotonic() - start))
+
+
+def pinned(cpu: int):
+    return (lambda: os.sched_setaffinity(0, {cpu})) if hasattr(os, "sched_setaffinity") else None
+
+
+def generated_rate(args, cpu: int) -> float:
+    command = [sys.executable, __file__, "--_generate", str(args.seconds), "--corpus", args.corpus,
+               "--cache_dir", args.cache_dir, "--batch_size", str(args.batch_size)]
+    out = subprocess.run(command, env=support.ENV, preexec_fn=pinned(cpu), capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def delivered_rate(args, cpu: int, work: Path) -> dict:
+    import zmq
+
+    from common.wire import decode
+    from trainer.source import to_tensors
+
+    endpoint = support.free_endpoint()
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    pull.bind(endpoint)
+    command = support.producer_command(args.corpus, support.minilm_dir(), args.cache_dir, endpoint,
+                                       "--num_workers", "1", "--batch_size", str(args.batch_size))
+    log_path = work / "producer.log"
+    with open(log_path, "w") as log:
+        producer = subprocess.Popen(command, cwd=support.REPO, env=support.ENV, stdout=log, stderr=subprocess.STDOUT,
+                                    preexec_fn=pinned(cpu))
+    try:
+        if not pull.poll(120_000):
+            raise SystemExit(f"no batch from the producer within 120 s; see {log_path}")
+
+        def receive_for(seconds: float) -> tuple[int, float, float]:
+            instances, cpu0, start = 0, time.process_time(), time.monotonic()
+            end = start + seconds
+            while (now := time.monotonic()) < end:
+                if pull.poll(max(1, int((end - now) * 1000))):
+                    message = decode(pull.recv(copy=False).buffer)
+                    to_tensors(message.batch, pin_memory=False)
+                    instances += message.batch.size
+            wall = time.monotonic() - start
+            return instances, wall, time.process_time() - cpu0
+
+        receive_for(args.warmup_s)
+        instances, wall, receiver_cpu = receive_for(args.seconds)
+    finally:
+        support.stop(producer)
+        pull.close(linger=0)
+        context.term()
+    return {"instances_per_s": instances / wall, "receiver_busy": receiver_cpu / wall}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default=support.CORPUS_40MB)
+    parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "bertstream-bench-cache"))
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured window of each side")
+    parser.add_argument("--warmup_s", type=float, default=3.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--_generate", type=float, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._generate is not None:
+        generate_for(args._generate, args.corpus, args.cache_dir, args.batch_size)
+        return {}
+
+    support.ensure_corpus(args.corpus, 40)
+    support.build_index(args.corpus, support.minilm_dir(), args.cache_dir)  # warm: built once, outside the timing
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    producer_cpu, receiver_cpu = cpus[0], cpus[-1]
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {receiver_cpu})
+    delivered, generated, busy = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench_p2-") as tmp:
+        for repeat in range(args.repeats):
+            d = delivered_rate(args, producer_cpu, Path(tmp))
+            g = generated_rate(args, producer_cpu)
+            delivered.append(d["instances_per_s"])
+            busy.append(d["receiver_busy"])
+            generated.append(g)
+            support.log(f"P2 repeat {repeat + 1}/{args.repeats}: delivered {delivered[-1]:.0f}/s, generated "
+                        f"{g:.0f}/s (receiver busy {busy[-1]:.0%})")
+    d, g = support.median(delivered), support.median(generated)
+    ratio = d / g
+    rows = [("generated (worker loop, no socket)", f"{g:.0f}"),
+            ("delivered (producer -> PULL -> decode -> tensors)", f"{d:.0f}"),
+            ("ratio", f"{ratio:.2f}"), ("receiver core busy", f"{support.median(busy):.0%}")]
+    print(f"P2: one worker on core {producer_cpu}, receiver on core {receiver_cpu}, batch {args.batch_size}, "
+          f"{args.seconds:.0f} s windows, median of {args.repeats}")
+    result = {"target": ">= 0.9", "metric": "instances/s delivered and decoded vs generated, wall clock",
+              "baseline": round(g, 1), "ours": round(d, 1), "ratio": round(ratio, 3), "met": ratio >= 0.9,
+              "receiver_busy": round(support.median(busy), 3), "delivered_runs": [round(x) for x in delivered],
+              "generated_runs": [round(x) for x in generated], "repeats": args.repeats, "seconds": args.seconds,
+              "batch_size": args.batch_size, "corpus": args.corpus, "cores": [producer_cpu, receiver_cpu]}
+    support.report("P2", rows, ("", "instances/s"), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
