@@ -181,4 +181,6 @@ class EarlyStream:
         self.instances_sent += batch.size
         if self.first_batch_s is None:
             self.first_batch_s = time.monotonic() - self._started
+            log.info("early stream: first batch after %.1f s, from the %d documents tokenized so far (the index is "
+                     "still being built)", self.first_batch_s, self.documents_held)
         return sequence + 1
