@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import security
 from common.config import CorpusConfig, GenerationConfig
 from common.vocab import default_cache_dir, model_max_positions
 from common.wire import MAX_BATCH
@@ -58,6 +59,8 @@ class StreamConfig:
     hwm_batches: int  # send high-water mark per endpoint, in messages: past it, the worker blocks
     linger_ms: int  # how long closing waits to deliver queued batches before dropping them
     trainer_gone_timeout_s: float  # exit 0 once every endpoint has been disconnected this long; 0 = never
+    curve_secret_key: str | None = None  # this producer's NAME.key_secret: CURVE encryption and authentication
+    curve_server_key: str | None = None  # the trainer's public NAME.key (set together with curve_secret_key)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -72,6 +75,10 @@ class StreamConfig:
             raise ValueError(f"linger_ms must be 0 or more, got {self.linger_ms}")
         if self.trainer_gone_timeout_s < 0:
             raise ValueError(f"trainer_gone_timeout_s must be 0 (never) or positive, got {self.trainer_gone_timeout_s}")
+        security.both_or_neither(("--curve_secret_key", self.curve_secret_key),
+                                 ("--curve_server_key", self.curve_server_key))
+        if self.curve_secret_key is not None:  # read now, so a bad file is a usage error before any work
+            security.client_keys(self.curve_secret_key, self.curve_server_key)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--trainer_gone_timeout_s", type=float, default=0.0,
                         help="exit 0 once the trainer was connected and then every endpoint stayed "
                         "disconnected this long (0: never; wait for a trainer to come back)")
+    stream.add_argument("--curve_secret_key", default=None, metavar="FILE",
+                        help="this producer's NAME.key_secret (from bertstream-keys, mode 0600): encrypt the stream "
+                        "and authenticate to the trainer with CURVE; needs --curve_server_key")
+    stream.add_argument("--curve_server_key", default=None, metavar="FILE",
+                        help="the trainer's public NAME.key: batches go only to the trainer holding its secret "
+                        "key; needs --curve_secret_key")
     return parser
 
 
@@ -169,6 +182,8 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
                      "or --connect ENDPOINT (stream to a trainer)")
     if args.output_dir is not None and args.epochs is not None:
         parser.error(f"--epochs {args.epochs}: applies to streaming; with --output_dir use --epochs_to_generate")
+    if args.output_dir is not None and (args.curve_secret_key or args.curve_server_key):
+        parser.error("--curve_secret_key and --curve_server_key apply to streaming (--connect), not to --output_dir")
     if args.connect is not None and args.epochs_to_generate is not None:
         parser.error(f"--epochs_to_generate {args.epochs_to_generate}: applies to --output_dir; "
                      "when streaming use --epochs")
@@ -189,6 +204,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
                 endpoints=expand_endpoints(parser, args.connect, args.ranks_per_endpoint),
                 batch_size=args.batch_size, epochs=args.epochs, hwm_batches=args.hwm_batches,
                 linger_ms=args.linger_ms, trainer_gone_timeout_s=args.trainer_gone_timeout_s,
+                curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key,
             )
         else:
             dump = DumpConfig(

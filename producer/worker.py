@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common import seedformat
+from common import security, seedformat
 from common.config import GenerationConfig
 from common.index import CorpusIndex
 from common.instances import Batch, TrainingInstance, iter_batches, iter_instances, worker_documents, worker_rng
@@ -213,6 +213,9 @@ class Sender:
         self.socket.setsockopt(zmq.LINGER, stream.linger_ms)
         if stream.trainer_gone_timeout_s > 0:
             guard.watch = PeerWatch(self.socket, stream.trainer_gone_timeout_s)
+        if stream.curve_secret_key is not None:  # before connect(): every connection is CURVE or none is
+            security.configure_client(self.socket, security.client_keys(stream.curve_secret_key,
+                                                                        stream.curve_server_key))
         for endpoint in stream.endpoints:
             self.socket.connect(endpoint)
 

@@ -19,6 +19,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common import security
 from common.progress import log, setup_logging
 from common.wire import DEFAULT_MAX_MESSAGE_BYTES
 from trainer import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
@@ -45,6 +46,8 @@ class SourceConfig:
     data_timeout_s: float = 0.0  # stream: error after this long without a batch; 0 waits forever
     prefetch_batches: int = 4  # stream: decoded micro-batches held ready ahead of the loop
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # stream: larger messages are rejected unread
+    curve_secret_key: str | None = None  # stream: the trainer's NAME.key_secret; turns CURVE on
+    curve_authorized_keys: str | None = None  # stream: folder of the producers' public NAME.key files
 
     def __post_init__(self) -> None:
         if self.pregenerated_data is None and not _ENDPOINT.match(self.bind):
@@ -57,6 +60,19 @@ class SourceConfig:
             raise ValueError(f"--prefetch_batches must be >= 1, got {self.prefetch_batches}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"--max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        security.both_or_neither(("--curve_secret_key", self.curve_secret_key),
+                                 ("--curve_authorized_keys", self.curve_authorized_keys))
+        if self.curve_secret_key is not None:
+            if self.pregenerated_data is not None:
+                raise ValueError("--curve_secret_key and --curve_authorized_keys secure the stream (--bind), "
+                                 "not --pregenerated_data")
+            self.curve_keys()  # read now: a bad key file is a usage error, not a failure after the model loads
+
+    def curve_keys(self) -> security.ServerKeys | None:
+        """The keys behind the two CURVE flags (read from the files each call), or None without them."""
+        if self.curve_secret_key is None:
+            return None
+        return security.server_keys(self.curve_secret_key, self.curve_authorized_keys)
 
 
 @dataclass(frozen=True)
@@ -216,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds without a batch before giving up (0 = wait forever)")
     stream.add_argument("--prefetch_batches", type=int, default=4)
     stream.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    stream.add_argument("--curve_secret_key", type=str, default=None, metavar="FILE",
+                        help="the trainer's NAME.key_secret (from bertstream-keys, mode 0600): CURVE-encrypt the "
+                        "stream and admit only the producers in --curve_authorized_keys")
+    stream.add_argument("--curve_authorized_keys", type=str, default=None, metavar="DIR",
+                        help="folder of the producers' public NAME.key files; a producer with any other key (or "
+                        "none) never gets a batch through; needs --curve_secret_key")
 
     run = p.add_argument_group("run")
     run.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
@@ -249,7 +271,8 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
             source=SourceConfig(
                 pregenerated_data=args.pregenerated_data, reduce_memory=args.reduce_memory,
                 bind=args.bind or DEFAULT_BIND, data_timeout_s=args.data_timeout,
-                prefetch_batches=args.prefetch_batches, max_message_bytes=args.max_message_bytes),
+                prefetch_batches=args.prefetch_batches, max_message_bytes=args.max_message_bytes,
+                curve_secret_key=args.curve_secret_key, curve_authorized_keys=args.curve_authorized_keys),
             train=TrainConfig(
                 output_dir=args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
                 train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -89,7 +89,7 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
     return StreamSource(config.bind, vocab.fingerprint(max_positions), max_positions, train.micro_batch_size,
                         pin_memory=runtime.pin_memory, prefetch_batches=config.prefetch_batches,
                         max_message_bytes=config.max_message_bytes, data_timeout_s=config.data_timeout_s,
-                        stop=stop)
+                        stop=stop, curve=config.curve_keys())
 
 
 def plan_steps(train: TrainConfig, source) -> int:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from common import security
 from common.instances import IGNORE_INDEX, Batch
 from common.progress import log
 from common.vocab import Fingerprint
@@ -31,6 +32,15 @@ from trainer.model import TensorBatch
 
 WAIT_NOTE_S = 5.0  # how often "waiting for data" is said while the queue is empty
 REJECT_NOTE_S = 5.0  # rejected messages are reported at most this often
+NOTED_PRODUCERS = 1024  # distinct producer ids logged on their first batch (a bound against a flood of ids)
+
+
+def _is_local(endpoint: str) -> bool:
+    """ipc://, inproc:// and loopback tcp endpoints cannot be reached from another host."""
+    if not endpoint.startswith("tcp://"):
+        return True
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 class StopRequested(Exception):
@@ -172,8 +182,10 @@ class StreamSource:
 
     def __init__(self, bind: str, expected: Fingerprint, max_positions: int, micro_batch_size: int, *,
                  pin_memory: bool, prefetch_batches: int, max_message_bytes: int, data_timeout_s: float,
-                 stop: threading.Event):
+                 stop: threading.Event, curve: security.ServerKeys | None = None):
         self.bind = bind
+        self._curve_keys = curve  # None: no encryption, anyone who reaches the endpoint may send
+        self._curve: security.CurveServer | None = None
         self._expected = expected
         self._max_positions = max_positions
         self._micro = micro_batch_size
@@ -196,6 +208,7 @@ class StreamSource:
         self.instances_consumed = 0
         self._rejected_since_note = 0
         self._last_reject_note = -float("inf")
+        self._producers: set[str] = set()  # producer ids seen, each logged once (up to NOTED_PRODUCERS)
 
     # --- loop side --------------------------------------------------------------------------------------
 
@@ -206,12 +219,25 @@ class StreamSource:
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.RCVHWM, 4)  # little buffered here: backpressure reaches the producers
+        # ZeroMQ drops, unread, any frame above the limit (and the connection that sent it; the producer's
+        # socket reconnects by itself): a hostile or broken peer cannot make us buffer gigabytes.
+        self._socket.setsockopt(zmq.MAXMSGSIZE, self._max_bytes)
+        if self._curve_keys is not None:  # before bind(): no connection is ever accepted without CURVE
+            self._curve = security.CurveServer(self._context, self._curve_keys, log)
+            self._curve.start(self._socket)
         try:
             self._socket.bind(self.bind)
         except zmq.ZMQError as exc:
             self.close()
             raise TrainerError(f"cannot bind --bind {self.bind}: {exc}") from exc
-        log.info("stream: listening on %s", self.bind)
+        if self._curve is not None:
+            log.info("stream: listening on %s (CURVE: %d authorised producer key(s) in %s)", self.bind,
+                     len(self._curve_keys.authorized), self._curve_keys.authorized_dir)
+        else:
+            log.info("stream: listening on %s", self.bind)
+            if not _is_local(self.bind):
+                log.warning("stream: %s accepts batches from anyone who can reach it, unencrypted; across hosts "
+                            "use --curve_secret_key and --curve_authorized_keys (see bertstream-keys)", self.bind)
         # The socket is handed to the receive thread and never touched here again until it has stopped.
         self._thread = threading.Thread(target=self._receive_loop, name="receive", daemon=True)
         self._thread.start()
@@ -267,6 +293,9 @@ class StreamSource:
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        if self._curve is not None:  # after the socket: it must never be open without its ZAP handler
+            self._curve.stop()
+            self._curve = None
         if self._context is not None:
             self._context.term()
             self._context = None
@@ -277,6 +306,8 @@ class StreamSource:
         try:
             reslicer = Reslicer(self._micro)
             while not self._closing.is_set():
+                if self._curve is not None:
+                    self._curve.note_failed_handshakes()
                 if not self._socket.poll(100):
                     continue
                 frame = self._socket.recv(copy=False)
@@ -302,6 +333,7 @@ class StreamSource:
             self._stream_fingerprint = fp
             self.max_seq_len = fp.max_seq_len
             self.epoch_instances = message.header.epoch_instances or None
+            self._note_producer(message.header.producer_id)
             return message.batch
         problems = self._stream_fingerprint.mismatches(fp)
         if fp.max_seq_len != self.max_seq_len:
@@ -310,7 +342,14 @@ class StreamSource:
             self._reject(frame, f"differs from the stream (ours vs theirs): {'; '.join(problems)}",
                          producer=message.header.producer_id)
             return None
+        self._note_producer(message.header.producer_id)
         return message.batch
+
+    def _note_producer(self, producer: str) -> None:
+        """One line per producer process that feeds the stream: a restarted or added producer shows up."""
+        if producer not in self._producers and len(self._producers) < NOTED_PRODUCERS:
+            self._producers.add(producer)
+            log.info("stream: batches from producer %s", producer)
 
     def _check_first(self, fp: Fingerprint) -> None:
         problems = self._expected.mismatches(fp)
