@@ -8,8 +8,9 @@ contiguous there, so a segment of whole sentences is one slice and truncation on
 
 Why a batch at a time: an instance is ~128 tokens, so masking one costs a dozen numpy calls of a few µs
 each on tiny arrays; masking 64 at once costs the same dozen calls. The chunk loop stays per document in
-plain Python, drawing its scalars from a buffer (`ScalarDraws`) rather than one Generator call each, and
-truncation, which does not feed back into the loop, is deferred to the batch too. The per-instance API
+plain Python, drawing its scalars from a buffer (`ScalarDraws`) rather than one Generator call each; the
+random next segments and truncation, which do not feed back into the loop, are drawn for the whole batch
+with its arrays (`random_segments`, `truncate_pairs`). The per-instance API
 (`TrainingInstance`, `create_instances_from_document`, `iter_instances`, `create_masked_lm_predictions`)
 is the same code on batches, split into rows.
 """
@@ -84,13 +85,19 @@ class Batch:
 
 
 class SegmentPair(NamedTuple):
-    """Segments A and B as token ranges, before truncation."""
+    """Segment A as a token range, before truncation; B as one too, or, for a random next, how to draw it.
+
+    A random B does not feed back into the chunk loop, so it is drawn later for a whole batch at once
+    (`random_segments`): from another document than `document`, aiming at `b_target` tokens.
+    """
 
     a_start: int
     a_stop: int
-    b_start: int
+    b_start: int  # B's token range when B follows A; 0, 0 for a random B until it is drawn
     b_stop: int
     is_random_next: bool
+    b_target: int  # a random B's wanted length in tokens (target - len(A)); 0 when B follows A
+    document: int  # the document A comes from
 
 
 class ScalarDraws:
@@ -115,19 +122,33 @@ class ScalarDraws:
 # --- segments -------------------------------------------------------------------------------------------
 
 
-def sample_random_document(index: CorpusIndex, current: int, draws: ScalarDraws) -> int:
-    """Another document, chosen with probability proportional to its sentence count (never `current`)."""
-    offsets = index.document_offsets.view(np.ndarray)
-    return _sample_other_document(offsets, int(offsets[current]), int(offsets[current + 1]), draws)
+def sample_random_documents(index: CorpusIndex, current: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """For each of `current`, another document, with probability proportional to its sentence count.
+
+    A uniform sentence outside the current document's sentences (so never the current one), and the
+    document it belongs to. Integers are floor(u * n) of uniforms u, uniform up to u's 2^-53 granularity.
+    """
+    do = index.document_offsets.view(np.ndarray)
+    first, count = do[current], do[current + 1] - do[current]
+    others = do[-1] - count  # sentences outside each current document
+    sentence = np.minimum((rng.random(len(current)) * others).astype(np.int64), others - 1)
+    sentence += count * (sentence >= first)  # skip over the current document's sentences
+    return np.searchsorted(do, sentence, side="right") - 1
 
 
-def _sample_other_document(document_offsets: np.ndarray, first: int, stop: int, draws: ScalarDraws) -> int:
-    """A uniform sentence outside sentences [first, stop), and the document it belongs to."""
-    count = stop - first
-    sentence = draws.below(int(document_offsets[-1]) - count)
-    if sentence >= first:  # skip over the current document's sentences
-        sentence += count
-    return int(document_offsets.searchsorted(sentence, side="right")) - 1
+def random_segments(index: CorpusIndex, documents: np.ndarray, b_targets: np.ndarray,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Token ranges of random next segments: from another document than each of `documents`, starting at a
+    uniform sentence of it, whole sentences until `b_targets` tokens (at least one, at most to its end)."""
+    do, so = index.document_offsets.view(np.ndarray), index.sentence_offsets.view(np.ndarray)
+    other = sample_random_documents(index, documents, rng)
+    o_first, o_stop = do[other], do[other + 1]
+    b_first = o_first + np.minimum((rng.random(len(other)) * (o_stop - o_first)).astype(np.int64),
+                                   o_stop - o_first - 1)
+    b_start = so[b_first]
+    # Sentence offsets are sorted, so one search over all of them finds where B reaches its target.
+    b_stop = np.clip(np.searchsorted(so, b_start + b_targets), b_first + 1, o_stop)
+    return b_start, so[b_stop]
 
 
 def truncate_pairs(a_start: np.ndarray, a_stop: np.ndarray, b_start: np.ndarray, b_stop: np.ndarray,
@@ -252,10 +273,9 @@ def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationC
     """The (untruncated) segment pairs whose A comes from document `doc`, in order."""
     # Plain ndarray views of the maps (indexing an np.memmap goes through Python code), and this document's
     # sentence offsets as Python ints for the chunk loop.
-    all_offsets = index.sentence_offsets.view(np.ndarray)
     document_offsets = index.document_offsets.view(np.ndarray)
     first, stop = int(document_offsets[doc]), int(document_offsets[doc + 1])
-    so = all_offsets[first : stop + 1].tolist()  # so[s]: where this document's sentence s starts in `tokens`
+    so = index.sentence_offsets.view(np.ndarray)[first : stop + 1].tolist()  # where sentence s starts in tokens
     num_sentences = stop - first
     max_num_tokens = config.max_num_tokens
     # Mostly fill the sequence, but sometimes (short_seq_prob) aim shorter, so the model also sees the
@@ -274,19 +294,12 @@ def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationC
         a_end = chunk_start + (1 if chunk_len == 1 else 1 + draws.below(chunk_len - 1))
         a_start, a_stop = so[chunk_start], so[a_end]
         if chunk_len == 1 or draws.uniform() < 0.5:
-            other = _sample_other_document(document_offsets, first, stop, draws)
-            o_first, o_stop = int(document_offsets[other]), int(document_offsets[other + 1])
-            b_first = o_first + draws.below(o_stop - o_first)
-            # Whole sentences from b_first until B reaches target - len(A) tokens: at least one, at most to
-            # the end of that document (the offsets are sorted, so one search over all of them finds it).
-            b_start = int(all_offsets[b_first])
-            wanted = b_start + target - (a_stop - a_start)
-            b_stop = min(max(int(all_offsets.searchsorted(wanted)), b_first + 1), o_stop)
-            pairs.append(SegmentPair(a_start, a_stop, b_start, int(all_offsets[b_stop]), True))
+            # B from another document, target - len(A) tokens of it: drawn with the batch (random_segments).
+            pairs.append(SegmentPair(a_start, a_stop, 0, 0, True, target - (a_stop - a_start), doc))
             # The chunk's unused sentences go back to the document rather than being wasted.
             chunk_start = a_end
         else:
-            pairs.append(SegmentPair(a_start, a_stop, so[a_end], so[chunk_stop], False))
+            pairs.append(SegmentPair(a_start, a_stop, so[a_end], so[chunk_stop], False, 0, doc))
             chunk_start = chunk_stop
     return pairs
 
@@ -294,7 +307,9 @@ def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationC
 def make_batch(index: CorpusIndex, pairs: list[SegmentPair], config: GenerationConfig, vocab: Vocabulary,
                rng: np.random.Generator) -> Batch:
     """`[CLS] A [SEP] B [SEP]` for each pair, truncated, padded to max_seq_len and masked."""
-    a0, a1, b0, b1, random_next = np.array(pairs, dtype=np.int64).T
+    a0, a1, b0, b1, random_next, b_targets, documents = np.array(pairs, dtype=np.int64).T
+    drawn = random_next.astype(bool)
+    b0[drawn], b1[drawn] = random_segments(index, documents[drawn], b_targets[drawn], rng)
     a0, a1, b0, b1 = truncate_pairs(a0, a1, b0, b1, config.max_num_tokens, rng)
     a_lens = a1 - a0
     lengths = a_lens + (b1 - b0) + 3

@@ -17,9 +17,9 @@ import pytest
 import seed_reference
 from common.config import GenerationConfig
 from common.index import CorpusIndex
-from common.instances import (IGNORE_INDEX, ScalarDraws, collate, create_instances_from_document,
+from common.instances import (IGNORE_INDEX, collate, create_instances_from_document,
                               create_masked_lm_predictions, epoch_document_order, estimate_epoch_instances,
-                              iter_instances, mask_batch, num_to_mask, sample_random_document, to_seed_record,
+                              iter_instances, mask_batch, num_to_mask, sample_random_documents, to_seed_record,
                               truncate_seq_pair, worker_documents, worker_rng)
 from common.vocab import SPECIAL_TOKENS, Vocabulary
 
@@ -369,16 +369,19 @@ def test_truncation_of_a_very_long_sentence_is_constant_time():
     assert abs(np.mean(fronts) - (la - 122) / 2) < 5 * 1581 / np.sqrt(200)
 
 
-def test_sample_random_document_is_sentence_weighted_and_never_current():
+def test_sample_random_documents_is_sentence_weighted_and_never_current():
     index = CorpusIndex.from_arrays([[[5]], [[6]], [[7]] * 8, [[8]] * 2])
-    draws = ScalarDraws(np.random.default_rng(0))
+    rng = np.random.default_rng(0)
     n = 6000
-    picks = np.array([sample_random_document(index, 0, draws) for _ in range(n)])
+    picks = sample_random_documents(index, np.zeros(n, dtype=np.int64), rng)
     assert set(picks.tolist()) == {1, 2, 3}
     # Shares 1/11, 8/11, 2/11; binomial standard error at n=6,000 is at most 0.0058; allow 5 of them.
     np.testing.assert_allclose(np.bincount(picks, minlength=4)[1:] / n, [1 / 11, 8 / 11, 2 / 11], atol=0.029)
-    picks = [sample_random_document(index, 2, draws) for _ in range(300)]
-    assert 2 not in picks and {0, 1, 3} == set(picks)
+    picks = sample_random_documents(index, np.full(300, 2), rng)
+    assert 2 not in picks.tolist() and {0, 1, 3} == set(picks.tolist())
+    mixed = np.arange(4).repeat(500)  # every row its own current document, in one call
+    picks = sample_random_documents(index, mixed, rng)
+    assert not (picks == mixed).any() and set(picks.tolist()) == {0, 1, 2, 3}
 
 
 # --- statistics against the seed's reference ---------------------------------------------------------------
