@@ -76,14 +76,13 @@ def _read_certificate(path: Path, flag: str) -> tuple[bytes, bytes | None]:
 def load_secret_key(path: str | os.PathLike, flag: str = "--curve_secret_key") -> tuple[bytes, bytes]:
     """(public, secret) from a NAME.key_secret file that only its owner can read."""
     path = Path(path).expanduser()
-    if path.is_file():
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            raise KeyFileError(f"{flag} {path}: permissions {mode:04o} let other users read the secret key; "
-                               f"run `chmod 600 {path}`")
     public, secret = _read_certificate(path, flag)
     if secret is None:
         raise KeyFileError(f"{flag} {path}: holds only a public key; give the NAME{SECRET_SUFFIX} file")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:  # as ssh does with a private key: refuse rather than use a key others may have copied
+        raise KeyFileError(f"{flag} {path}: permissions {mode:04o} let other users read the secret key; "
+                           f"run `chmod 600 {path}`")
     return public, secret
 
 
