@@ -18,6 +18,7 @@ is the same code on batches, split into rows.
 from __future__ import annotations
 
 from bisect import bisect_left
+from itertools import chain
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -307,7 +308,8 @@ def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationC
 def make_batch(index: CorpusIndex, pairs: list[SegmentPair], config: GenerationConfig, vocab: Vocabulary,
                rng: np.random.Generator) -> Batch:
     """`[CLS] A [SEP] B [SEP]` for each pair, truncated, padded to max_seq_len and masked."""
-    a0, a1, b0, b1, random_next, b_targets, documents = np.array(pairs, dtype=np.int64).T
+    a0, a1, b0, b1, random_next, b_targets, documents = np.fromiter(
+        chain.from_iterable(pairs), dtype=np.int64, count=7 * len(pairs)).reshape(len(pairs), 7).T
     drawn = random_next.astype(bool)
     b0[drawn], b1[drawn] = random_segments(index, documents[drawn], b_targets[drawn], rng)
     a0, a1, b0, b1 = truncate_pairs(a0, a1, b0, b1, config.max_num_tokens, rng)
