@@ -38,10 +38,36 @@ def test_bad_flags_exit_2_naming_flag_and_value(flags, message, tmp_path, capsys
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-def test_world_size_above_one_is_refused(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["--bert_model", "m", "--output_dir", str(tmp_path)]) == EXIT_USAGE
-    assert "WORLD_SIZE=2: multi-process training is not supported yet" in capsys.readouterr().err
+@pytest.mark.parametrize("env, flags, message", [
+    ({"WORLD_SIZE": "2"}, [], "WORLD_SIZE=2 without LOCAL_RANK: start the processes with torchrun"),
+    ({"LOCAL_RANK": "0"}, ["--local_rank", "1"], "--local_rank 1 but LOCAL_RANK=0: they select the GPU"),
+    ({"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}, ["--train_batch_size", "32"],
+     "--train_batch_size 32 is not divisible by --gradient_accumulation_steps 1 x 3 processes (WORLD_SIZE)"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, ["--bind", "tcp://127.0.0.1:*"],
+     "--bind tcp://127.0.0.1:*: 2 processes on this node bind consecutive ports"),
+])
+def test_torchrun_environments_that_cannot_work_are_refused(env, flags, message, tmp_path, monkeypatch, capsys):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["--bert_model", "m", "--output_dir", str(tmp_path), *flags]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_each_rank_binds_its_own_endpoint(tmp_path, monkeypatch):
+    """Rank l on a node binds --bind's port + l (what producers' --ranks_per_endpoint connects to)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    config = parse_args(["--bert_model", "m", "--output_dir", str(tmp_path), "--train_batch_size", "32",
+                         "--gradient_accumulation_steps", "2"])
+    assert config.train.micro_batch_size == 4  # 32 in all = 2 accumulation steps x 4 ranks x 4
+    place = config.distributed
+    assert (place.rank, place.world_size, place.local_rank, place.local_world_size) == (3, 4, 1, 2)
+    assert place.endpoint("tcp://0.0.0.0:5555") == "tcp://0.0.0.0:5556"
+    assert place.endpoint("ipc:///tmp/bertstream") == "ipc:///tmp/bertstream-1"
 
 
 def test_the_seeds_defaults(tmp_path, monkeypatch):

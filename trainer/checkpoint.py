@@ -3,8 +3,9 @@
 Layout under `--output_dir`:
 
     checkpoints/step_00001000/   config.json, model.safetensors (save_pretrained), the tokenizer files,
-                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states,
-                                 source position, the run's config)
+                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states (with
+                                 several ranks, every rank's torch generators too), source position,
+                                 the run's config)
     checkpoints/step_00001000.tmp-<pid>/   a checkpoint being written; renamed when complete
     config.json, model.safetensors, tokenizer files   the final model, moved in when the run ends
 
@@ -57,6 +58,17 @@ def restore_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def restore_torch_rng_state(state: dict, device: torch.device) -> None:
+    """One rank's torch generators (CPU, and its GPU's), as `trainer.distributed` gathers them for a checkpoint.
+
+    With several ranks the checkpoint holds rank 0's full state (`rng`) and every rank's torch generators
+    (`rank_rng`): the only ones training draws from (dropout), so each rank's stream resumes where it was.
+    """
+    torch.set_rng_state(state["torch"])
+    if state["cuda"].numel() and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 class Checkpoints:
     """The `checkpoints/` folder of one output directory."""
 
@@ -79,6 +91,14 @@ class Checkpoints:
         found = self.complete()
         return found[-1][1] if found else None
 
+    def folder(self, step: int) -> Path:
+        """Where checkpoint `step` is (once complete)."""
+        return self.root / f"step_{step:08d}"
+
+    @staticmethod
+    def step_of(folder: Path) -> int:
+        return int(_COMPLETE.match(folder.name).group(1))
+
     def remove_stale(self) -> None:
         """Temporary folders of checkpoints that were never finished (a crash while saving)."""
         if self.root.is_dir():
@@ -93,7 +113,7 @@ class Checkpoints:
 
     def save(self, step: int, model, tokenizer, state: dict) -> Path:
         """Write checkpoint `step` atomically, then drop the oldest beyond `keep`; returns its folder."""
-        final = self.root / f"step_{step:08d}"
+        final = self.folder(step)
         tmp = self.root / f"{final.name}.tmp-{os.getpid()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)

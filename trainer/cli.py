@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -93,6 +94,7 @@ class TrainConfig:
     save_steps: int = 1000  # a checkpoint every this many steps (0 = only at the end)
     keep_checkpoints: int = 3  # the newest this many checkpoints are kept
     resume: bool = True  # continue from the newest complete checkpoint in output_dir
+    world_size: int = 1  # training processes (torchrun's WORLD_SIZE); each takes an equal share of every step
 
     def __post_init__(self) -> None:
         positive = {"--epochs": self.epochs, "--train_batch_size": self.train_batch_size,
@@ -108,6 +110,12 @@ class TrainConfig:
             raise ValueError(
                 f"--train_batch_size {self.train_batch_size} is not divisible by --gradient_accumulation_steps "
                 f"{self.gradient_accumulation_steps} (the micro-batch is their quotient)")
+        if self.train_batch_size % (self.gradient_accumulation_steps * self.world_size):
+            raise ValueError(
+                f"--train_batch_size {self.train_batch_size} is not divisible by --gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} x {self.world_size} processes (WORLD_SIZE): it stays the total "
+                "batch of a step, and each process's micro-batch is train_batch_size / (gradient_accumulation_steps "
+                "x WORLD_SIZE)")
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_proportion < 1.0:
@@ -117,8 +125,8 @@ class TrainConfig:
 
     @property
     def micro_batch_size(self) -> int:
-        """Instances per forward/backward pass."""
-        return self.train_batch_size // self.gradient_accumulation_steps
+        """Instances per forward/backward pass of one process."""
+        return self.train_batch_size // (self.gradient_accumulation_steps * self.world_size)
 
 
 @dataclass(frozen=True)
@@ -143,30 +151,74 @@ class DeviceConfig:
 class DistributedConfig:
     """This process's place among the training processes: the one place rank and world size are decided.
 
-    Only rank 0 writes (metrics, checkpoints, the final model). Multi-process data parallel training is not
-    implemented yet, so a world size above 1 is refused rather than silently training N independent models.
+    torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; with WORLD_SIZE above 1 every process
+    trains with DDP on its own stream (see docs/scaleout.md). Only rank 0 writes (metrics, checkpoints, the
+    final model).
     """
 
-    local_rank: int = -1  # the seed's flag; torchrun sets LOCAL_RANK instead
-    rank: int = 0
-    world_size: int = 1
+    local_rank: int = -1  # the seed's flag; torchrun sets LOCAL_RANK instead. Selects the GPU
+    rank: int = 0  # this process among all training processes, 0 .. world_size-1
+    world_size: int = 1  # training processes in all, on every node
+    local_world_size: int = 1  # training processes on this node (they bind consecutive ports)
 
     def __post_init__(self) -> None:
-        if self.world_size != 1:
-            raise ValueError(f"WORLD_SIZE={self.world_size}: multi-process training is not supported yet; run one "
-                             "trainer process (several producers may feed it)")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"RANK={self.rank} WORLD_SIZE={self.world_size}: expected 0 <= RANK < WORLD_SIZE")
+        if not 1 <= self.local_world_size <= self.world_size:
+            raise ValueError(f"LOCAL_WORLD_SIZE={self.local_world_size}: expected 1 .. WORLD_SIZE "
+                             f"({self.world_size})")
+        if self.world_size > 1 and self.local_rank == -1:
+            raise ValueError(f"WORLD_SIZE={self.world_size} without LOCAL_RANK: start the processes with torchrun, "
+                             "which sets both")
+        if self.world_size > 1 and not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(f"LOCAL_RANK={self.local_rank}: expected 0 .. LOCAL_WORLD_SIZE-1 "
+                             f"({self.local_world_size - 1}); start several processes with torchrun")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def endpoint(self, bind: str) -> str:
+        """The stream endpoint this process binds: `--bind` for the node's first process, then one per process.
+
+        tcp://HOST:PORT -> PORT + LOCAL_RANK, what producers' `--ranks_per_endpoint` expects. With several
+        processes on a node, ipc://PATH and inproc://NAME get `-LOCAL_RANK` appended (ipc:///tmp/s ->
+        ipc:///tmp/s-0, ipc:///tmp/s-1, ...).
+        """
+        if self.local_world_size == 1:
+            return bind
+        local = max(self.local_rank, 0)
+        if not bind.startswith("tcp://"):
+            return f"{bind}-{local}"
+        match = re.match(r"^(tcp://[^\s:]+:)(\d+)$", bind)
+        if not match:
+            raise ValueError(f"--bind {bind}: {self.local_world_size} processes on this node bind consecutive "
+                             "ports from the one given, so it needs a port number (not *)")
+        port = int(match[2]) + local
+        if port > 65535:
+            raise ValueError(f"--bind {bind}: with {self.local_world_size} processes on this node the ports run "
+                             f"past 65535")
+        return f"{match[1]}{port}"
+
     @classmethod
     def from_env(cls, local_rank: int) -> "DistributedConfig":
-        env_local = os.environ.get("LOCAL_RANK")
-        if local_rank == -1 and env_local is not None:
-            local_rank = int(env_local)
-        return cls(local_rank=local_rank, rank=int(os.environ.get("RANK", 0)),
-                   world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        """torchrun's environment, plus the seed's --local_rank (which must agree with LOCAL_RANK if both are set)."""
+        def env_int(name: str, default: int) -> int:
+            value = os.environ.get(name)
+            if value is None or value == "":
+                return default
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: expected an integer (set by torchrun)") from None
+
+        env_local = env_int("LOCAL_RANK", -1)
+        if local_rank != -1 and env_local != -1 and local_rank != env_local:
+            raise ValueError(f"--local_rank {local_rank} but LOCAL_RANK={env_local}: they select the GPU and must "
+                             "agree (under torchrun, leave --local_rank out)")
+        world_size = env_int("WORLD_SIZE", 1)
+        return cls(local_rank=local_rank if local_rank != -1 else env_local, rank=env_int("RANK", 0),
+                   world_size=world_size, local_world_size=env_int("LOCAL_WORLD_SIZE", world_size))
 
 
 @dataclass(frozen=True)
@@ -215,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--reduce_memory", action="store_true",
                       help="pregenerated data: keep an epoch in memory maps on disk instead of RAM")
     seed.add_argument("--epochs", type=int, default=3)
-    seed.add_argument("--local_rank", type=int, default=-1)
+    seed.add_argument("--local_rank", "--local-rank", type=int, default=-1,
+                      help="the GPU of this process (torchrun sets LOCAL_RANK instead; both must agree if given)")
     seed.add_argument("--no_cuda", action="store_true")
     seed.add_argument("--gradient_accumulation_steps", type=int, default=1)
     seed.add_argument("--train_batch_size", type=int, default=32, help="total batch per optimizer step")
@@ -266,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     try:
         from common.vocab import default_cache_dir
 
+        distributed = DistributedConfig.from_env(args.local_rank)
+        if args.pregenerated_data is None:
+            distributed.endpoint(args.bind or DEFAULT_BIND)  # a --bind the node's processes cannot share fails here
         return TrainerConfig(
             model=ModelConfig(bert_model=args.bert_model, do_lower_case=args.do_lower_case),
             source=SourceConfig(
@@ -278,9 +334,10 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
                 train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
                 learning_rate=args.learning_rate, warmup_proportion=args.warmup_proportion, seed=args.seed,
                 logging_steps=args.logging_steps, save_steps=args.save_steps,
-                keep_checkpoints=args.keep_checkpoints, resume=not args.no_resume),
+                keep_checkpoints=args.keep_checkpoints, resume=not args.no_resume,
+                world_size=distributed.world_size),
             device=DeviceConfig(no_cuda=args.no_cuda, fp16=args.fp16, bf16=args.bf16, loss_scale=args.loss_scale),
-            distributed=DistributedConfig.from_env(args.local_rank),
+            distributed=distributed,
             eval=EvalConfig(eval_corpus=args.eval_corpus, eval_steps=args.eval_steps,
                             eval_instances=args.eval_instances,
                             cache_dir=args.cache_dir or str(default_cache_dir())),
@@ -328,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), message already printed
         return EXIT_USAGE if exc.code not in (0, None) else EXIT_OK
-    log.info("trainer config: %s", json.dumps(config.to_dict(), sort_keys=True))
+    if config.distributed.world_size > 1:  # torchrun interleaves the ranks' lines: name each rank in its lines
+        multiprocessing.current_process().name = f"rank{config.distributed.rank}"
+    if config.distributed.is_main:
+        log.info("trainer config: %s", json.dumps(config.to_dict(), sort_keys=True))
     from common.corpus import CorpusError
     from common.vocab import ModelNotFoundError
     from trainer.loop import run_training  # torch and transformers load here, after the flags are known good

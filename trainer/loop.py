@@ -1,9 +1,10 @@
 """Set up a run (device, model, source, optimizer, schedule, resume) and train: the seed's loop, fed by a source.
 
 `run_training` builds everything from the config sections and hands it to `train_loop`, the hot path, which
-reads top to bottom: fetch micro-batches, forward under autocast, scaled backward, then the GradScaler
-sequence (unscale, clip, step, update), the schedule, and on logging steps only, the one sync that turns
-the device-side sums into a metrics record.
+reads top to bottom: fetch the step's micro-batches, forward under autocast, scaled backward, then the
+GradScaler sequence (unscale, clip, step, update), the schedule, and on logging steps only, the one sync that
+turns the device-side sums into a metrics record. Under torchrun every rank runs the same loop on its own
+data; `trainer.distributed` keeps the ranks on the same step.
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import torch
 from common.progress import log
 from common.vocab import Vocabulary, load_tokenizer, resolve_model_dir
 from trainer import StoppedEarly, TrainerError
-from trainer.checkpoint import Checkpoints, restore_rng_state, rng_state, save_final
+from trainer import distributed
+from trainer.checkpoint import STATE_FILE, Checkpoints, restore_rng_state, restore_torch_rng_state, rng_state, \
+    save_final
 from trainer.cli import DeviceConfig, DistributedConfig, SourceConfig, TrainConfig, TrainerConfig
+from trainer.distributed import FAIL, GO, STOP, Ranks
 from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_eval_index
 from trainer.metrics import MetricsLog, progress_line
 from trainer.model import load_model, load_tokenizer_for_saving, parameter_groups, pretraining_loss
@@ -81,12 +85,14 @@ def seed_everything(seed: int) -> None:
 
 
 def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max_positions: int,
-                runtime: Runtime, stop: threading.Event):
+                runtime: Runtime, stop: threading.Event, place: DistributedConfig = DistributedConfig()):
+    """Each rank's own data: its share of every round of the pregenerated files, or its own stream endpoint."""
     if config.pregenerated_data is not None:
         return PregeneratedSource(config.pregenerated_data, train.epochs, vocab, max_positions,
                                   train.micro_batch_size, train.seed, reduce_memory=config.reduce_memory,
-                                  pin_memory=runtime.pin_memory)
-    return StreamSource(config.bind, vocab.fingerprint(max_positions), max_positions, train.micro_batch_size,
+                                  pin_memory=runtime.pin_memory, shard=(place.rank, place.world_size))
+    return StreamSource(place.endpoint(config.bind), vocab.fingerprint(max_positions), max_positions,
+                        train.micro_batch_size,
                         pin_memory=runtime.pin_memory, prefetch_batches=config.prefetch_batches,
                         max_message_bytes=config.max_message_bytes, data_timeout_s=config.data_timeout_s,
                         stop=stop, curve=config.curve_keys())
@@ -133,27 +139,40 @@ def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
 
 
 def run_training(config: TrainerConfig, stop: threading.Event) -> None:
-    train, dist = config.train, config.distributed
+    runtime = resolve_runtime(config.device, config.distributed)
+    ranks = distributed.start(config.distributed, runtime.device, config.source.data_timeout_s)
+    try:
+        _run_training(config, stop, runtime, ranks)
+    finally:
+        ranks.close()
+
+
+def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime, ranks: Ranks) -> None:
+    train = config.train
     output_dir = Path(train.output_dir)
-    runtime = resolve_runtime(config.device, dist)
-    seed_everything(train.seed)
+    seed_everything(train.seed + ranks.rank)  # rank 0 as a single process; each rank its own dropout stream
     model_dir = resolve_model_dir(config.model.bert_model)
     vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, config.model.do_lower_case),
                                       config.model.do_lower_case)
     eval_index = None
-    if config.eval.eval_corpus is not None:
+    if config.eval.eval_corpus is not None and ranks.is_main:  # rank 0 evaluates; the others wait for it
         eval_index = load_eval_index(config.eval.eval_corpus, config.model.bert_model, config.model.do_lower_case,
                                      config.eval.cache_dir, vocab)
 
     checkpoints = Checkpoints(output_dir, train.keep_checkpoints)
-    if dist.is_main:
+    if ranks.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if not train.resume:
             checkpoints.remove_all()
         checkpoints.remove_stale()
-    resume_from = checkpoints.latest() if train.resume else None
+    resume_from = checkpoints.latest() if train.resume and ranks.is_main else None
+    resume_from = agree_on_checkpoint(ranks, checkpoints, resume_from)
+    state = None
     if resume_from is not None:
-        log.info("resuming from %s", resume_from)
+        if ranks.is_main:
+            log.info("resuming from %s", resume_from)
+        state = Checkpoints.load_state(resume_from)
+        check_world_size(state, resume_from, ranks.world_size)
     model = load_model(resume_from or model_dir)
     tokenizer = load_tokenizer_for_saving(model_dir, config.model.do_lower_case)
     if vocab.size > model.config.vocab_size:
@@ -163,24 +182,23 @@ def run_training(config: TrainerConfig, stop: threading.Event) -> None:
     model.train()
     max_positions = model.config.max_position_embeddings
 
-    source = open_source(config.source, train, vocab, max_positions, runtime, stop)
+    source = open_source(config.source, train, vocab, max_positions, runtime, stop, config.distributed)
     metrics = None
     try:
-        try:
-            source.start()
-        except StopRequested:
-            raise StoppedEarly(0, resume_from) from None
+        start_source(source, ranks, resume_from)
         total_steps = plan_steps(train, source)
         optimizer, scheduler = build_optimizer(model, train, total_steps, runtime.device)
         scaler = make_scaler(runtime)
         start_step = 0
-        if resume_from is not None:
-            state = Checkpoints.load_state(resume_from)
-            _warn_on_changed_config(state, config, total_steps)
+        if state is not None:
+            if ranks.is_main:
+                _warn_on_changed_config(state, config, total_steps)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            restore_rng_state(state["rng"])
+            restore_rng_state(state["rng"])  # rank 0's; then each rank's own torch generators
+            if "rank_rng" in state:
+                restore_torch_rng_state(state["rank_rng"][ranks.rank], runtime.device)
             source.load_state_dict(state["source"])
             start_step = int(state["step"])
 
@@ -189,36 +207,106 @@ def run_training(config: TrainerConfig, stop: threading.Event) -> None:
             batches = eval_batches(eval_index, vocab, config.eval.eval_instances,
                                    source.max_seq_len or DEFAULT_MAX_SEQ_LEN, train.micro_batch_size)
             evaluator = Evaluator(batches, runtime.device, runtime.autocast_dtype)
-        metrics = MetricsLog(output_dir, dist.is_main, resume_step=start_step if resume_from else None)
-        log.info("training: steps %d..%d of %d instances (micro-batch %d x %d accumulation), warmup %d steps, "
-                 "lr %g, %s on %s", start_step + 1, total_steps, train.train_batch_size, train.micro_batch_size,
-                 train.gradient_accumulation_steps, int(train.warmup_proportion * total_steps),
-                 train.learning_rate, runtime.precision, runtime.device)
+        metrics = MetricsLog(output_dir, ranks.is_main, resume_step=start_step if resume_from else None)
+        if ranks.is_main:
+            log.info("training: steps %d..%d of %d instances (micro-batch %d x %d accumulation x %d rank(s)), "
+                     "warmup %d steps, lr %g, %s on %s", start_step + 1, total_steps, train.train_batch_size,
+                     train.micro_batch_size, train.gradient_accumulation_steps, ranks.world_size,
+                     int(train.warmup_proportion * total_steps), train.learning_rate, runtime.precision,
+                     runtime.device)
 
-        def save(step: int, source_state: dict) -> Path | None:
-            if not dist.is_main:
-                return None
-            state = {"format": STATE_FORMAT, "step": step, "total_steps": total_steps,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "source": source_state,
-                     "config": config.to_dict()}
-            path = checkpoints.save(step, model, tokenizer, state)
-            log.info("checkpoint: %s", path)
+        def save(step: int, source_state: dict) -> Path:
+            """Rank 0 writes the checkpoint; the other ranks wait for it (and hand it their random states)."""
+            rank_rng = ranks.gather_rng_states(runtime.device) if ranks.distributed else None
+            path = checkpoints.folder(step)
+            if ranks.is_main:
+                state = {"format": STATE_FORMAT, "step": step, "total_steps": total_steps,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": rng_state(), "source": source_state,
+                         "config": config.to_dict()}
+                if rank_rng is not None:
+                    state["rank_rng"] = rank_rng
+                path = checkpoints.save(step, model, tokenizer, state)
+                log.info("checkpoint: %s", path)
+            ranks.barrier("waiting for rank 0's checkpoint")
             return path
 
         with warnings.catch_warnings():
             # A step the GradScaler skips (an fp16 overflow, common in the first steps) makes torch warn that
             # the schedule stepped before the optimizer: intended here, as in every GradScaler loop.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            train_loop(model, source, optimizer, scheduler, scaler, runtime, train, total_steps, start_step,
-                       evaluator, metrics, save, stop, config.eval.eval_steps)
-        if dist.is_main:
+            step = train_loop(model, source, optimizer, scheduler, scaler, runtime, train, total_steps, start_step,
+                              evaluator, metrics, save, stop, config.eval.eval_steps, ranks=ranks,
+                              evaluates=config.eval.eval_corpus is not None)
+        if ranks.is_main:
             save_final(output_dir, model, tokenizer)
             log.info("done: model and tokenizer saved in %s", output_dir)
+        if ranks.distributed:
+            checksum = ranks.check_same_parameters(model)
+            log.info("rank %d finished at step %d after %d step(s) of its own data; parameter checksum %s (the "
+                     "same on every rank)", ranks.rank, step, step - start_step, checksum)
     finally:
         source.close()
         if metrics is not None:
             metrics.close()
+
+
+def agree_on_checkpoint(ranks: Ranks, checkpoints: Checkpoints, latest: Path | None) -> Path | None:
+    """Rank 0's newest checkpoint (None: start afresh); every rank loads it, so every rank must be able to read it."""
+    if not ranks.distributed:
+        return latest
+    step = int(ranks.gather([checkpoints.step_of(latest) if latest else -1], "choosing the checkpoint")[0][0])
+    if step < 0:
+        return None
+    folder = checkpoints.folder(step)
+    failure = None
+    if not (folder / STATE_FILE).is_file():
+        failure = TrainerError(f"rank {ranks.rank} cannot read {folder}, the checkpoint rank 0 resumes from: with "
+                               "several nodes, --output_dir must be a folder every node sees (a shared "
+                               "filesystem); or pass --no_resume to start afresh")
+    ranks.agree(FAIL if failure else GO, failure, what="checking the checkpoint")
+    return folder
+
+
+def check_world_size(state: dict, folder: Path, world_size: int) -> None:
+    """A run resumes with the processes that wrote its checkpoint: each rank's stream, micro-batch and random
+    state belong to that layout."""
+    before = state["config"]["distributed"].get("world_size", 1)
+    if before != world_size:
+        raise TrainerError(f"checkpoint {folder} was written by {before} rank(s); this run has {world_size}: resume "
+                           f"with {before} process(es) in all (torchrun --nnodes x --nproc_per_node; a plain "
+                           "bertstream-trainer is 1) or start afresh with --no_resume")
+
+
+def start_source(source, ranks: Ranks, resume_from: Path | None) -> None:
+    """Every rank's source has its first batch, and the ranks agree on what it says.
+
+    The stream's max_seq_len must be the same on every rank. The epoch size (which turns --epochs into
+    steps) is rank 0's, so every rank plans the same number of steps even if producers announce different
+    sizes.
+    """
+    vote, failure = GO, None
+    try:
+        source.start()
+    except StopRequested:
+        vote = STOP
+    except TrainerError as exc:  # a mismatched producer, a data timeout, an endpoint in use
+        vote, failure = FAIL, exc
+    try:
+        shapes = ranks.agree(vote, failure, [source.max_seq_len or 0, source.epoch_instances or 0],
+                             "starting the stream")
+    except StopRequested:
+        raise StoppedEarly(0, resume_from) from None
+    lengths = [int(s[0]) for s in shapes]
+    if len(set(lengths)) > 1:
+        raise TrainerError(f"the ranks' first batches have different max_seq_len ({lengths}, by rank): every "
+                           "producer must use the same --max_seq_len")
+    sizes = [int(s[1]) for s in shapes]
+    if len(set(sizes)) > 1:
+        if ranks.is_main:  # an estimate, which varies a little with each producer's --seed
+            log.info("the ranks' first producers announce epoch sizes %s (by rank); the schedule uses rank 0's",
+                     sizes)
+        source.epoch_instances = sizes[0] or None
 
 
 def _warn_on_changed_config(state: dict, config: TrainerConfig, total_steps: int) -> None:
@@ -231,11 +319,41 @@ def _warn_on_changed_config(state: dict, config: TrainerConfig, total_steps: int
                     total_steps, state["total_steps"])
 
 
+def next_step_batches(source, accum: int, stop: threading.Event, ranks: Ranks) -> tuple[list, float]:
+    """The step's micro-batches and the seconds spent waiting for them, once every rank has its own.
+
+    Raises StopRequested on every rank alike if any rank is stopping, and ends every rank if one cannot go
+    on: the step's one vote (see trainer.distributed; with one process it decides nothing).
+    """
+    batches, vote, failure = [], GO, None
+    start = time.perf_counter()
+    try:
+        if stop.is_set():
+            raise StopRequested()
+        for _ in range(accum):
+            batches.append(source.next_batch())
+    except StopRequested:
+        vote = STOP
+    except TrainerError as exc:  # a data timeout, a mismatched first producer: this rank cannot go on
+        vote, failure = FAIL, exc
+    waited = time.perf_counter() - start
+    ranks.agree(vote, failure)
+    return batches, waited
+
+
 def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, train: TrainConfig,
                total_steps: int, start_step: int, evaluator: Callable | None, metrics: MetricsLog,
-               save: Callable[[int, dict], Path | None], stop: threading.Event, eval_steps: int) -> None:
-    """Optimizer steps start_step+1 .. total_steps; raises StoppedEarly after saving if `stop` gets set."""
+               save: Callable[[int, dict], Path | None], stop: threading.Event, eval_steps: int,
+               ranks: Ranks | None = None, evaluates: bool | None = None) -> int:
+    """Optimizer steps start_step+1 .. total_steps; raises StoppedEarly after saving if `stop` gets set.
+
+    Every rank runs this on its own micro-batches (`ranks`: None for one process). Only rank 0 has the
+    `evaluator`; `evaluates` tells the others that rank 0 has one. Returns the last step.
+    """
+    ranks = ranks or Ranks.single()
+    evaluates = evaluator is not None if evaluates is None else evaluates
     device, accum = runtime.device, train.gradient_accumulation_steps
+    forward = ranks.wrap(model)  # the masked-positions loss; under DDP with several ranks
     params = [p for p in model.parameters() if p.requires_grad]
     epoch_instances = source.epoch_instances
     run_start = time.perf_counter()
@@ -244,6 +362,8 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
     source_state = source.state_dict()  # the source's position at the last step boundary
     if evaluator is not None:
         metrics.write(_eval_record(step, scheduler, evaluator(model), total_steps))
+    if evaluates:
+        ranks.barrier("waiting for rank 0's evaluation")
 
     # Interval sums, kept on the device: loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct,
     # grad_norm. Host-side: instances, micro-batches, seconds blocked on the source, seconds of eval/saving.
@@ -254,14 +374,13 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
 
     try:
         while step < total_steps:
-            if stop.is_set():
-                raise StopRequested()
-            for _ in range(accum):
-                t0 = time.perf_counter()
-                batch = source.next_batch().to(device, non_blocking=True)
-                wait_s += time.perf_counter() - t0
-                with runtime.autocast():
-                    out = pretraining_loss(model, batch)
+            batches, waited = next_step_batches(source, accum, stop, ranks)
+            wait_s += waited
+            for i, batch in enumerate(batches):
+                batch = batch.to(device, non_blocking=True)
+                # Gradients only accumulate on all but the last micro-batch; there DDP all-reduces them.
+                with ranks.accumulating(forward, i < accum - 1), runtime.autocast():
+                    out = forward(batch)
                 scaler.scale(out.loss / accum).backward()  # the seed's averaging over accumulation steps
                 sums[:6] += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach(),
                                          out.mlm_correct.float(), out.mlm_count.float(), out.nsp_correct.float()])
@@ -282,26 +401,39 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
             source_state = source.state_dict()
 
             last = step == total_steps
-            evaluate_now = evaluator is not None and (last or (eval_steps and step % eval_steps == 0))
+            evaluate_now = evaluates and (last or (eval_steps and step % eval_steps == 0))
             if last or evaluate_now or step % train.logging_steps == 0:
+                ranks.sum_(sums)  # every rank's sums: the record is the whole step's, not rank 0's share
                 values = sums.tolist()  # this is a sync point: the only one outside evaluation
                 wall = time.perf_counter() - interval_start - excluded_s
+                stats = source.stats()
+                per_rank = ranks.gather([instances / wall, min(1.0, wait_s / wall), *stats.values()],
+                                        "gathering the figures")
+                all_instances, all_micro_batches = instances * ranks.world_size, micro_batches * ranks.world_size
                 record = {
                     "step": step,
                     "epoch": (step * train.train_batch_size / epoch_instances) if epoch_instances else None,
-                    "loss": values[0] / micro_batches, "mlm_loss": values[1] / micro_batches,
-                    "nsp_loss": values[2] / micro_batches,
-                    "mlm_accuracy": values[3] / max(values[4], 1.0), "nsp_accuracy": values[5] / instances,
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": values[6] / steps_in_interval,
+                    "loss": values[0] / all_micro_batches, "mlm_loss": values[1] / all_micro_batches,
+                    "nsp_loss": values[2] / all_micro_batches,
+                    "mlm_accuracy": values[3] / max(values[4], 1.0), "nsp_accuracy": values[5] / all_instances,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": values[6] / (steps_in_interval * ranks.world_size),  # equal on every rank
                     "loss_scale": scaler.get_scale() if runtime.use_scaler else None,
-                    "seq_per_s": instances / wall, "data_wait_frac": min(1.0, wait_s / wall),
+                    # The run goes at its slowest rank's pace, so its data wait is the largest rank's.
+                    "seq_per_s": sum(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank),
                     "elapsed_s": time.perf_counter() - run_start,
-                    **source.stats(),
+                    **{key: int(sum(r[2 + i] for r in per_rank)) for i, key in enumerate(stats)},
                 }
-                if evaluate_now:
+                if ranks.distributed:
+                    record["rank_seq_per_s"] = [r[0] for r in per_rank]
+                    record["rank_data_wait_frac"] = [r[1] for r in per_rank]
+                if evaluate_now and evaluator is not None:
                     record.update(evaluator(model).to_record())
                 metrics.write(record)
-                log.info("%s", progress_line(record, total_steps))
+                if ranks.is_main:
+                    log.info("%s", progress_line(record, total_steps))
+                if evaluate_now:
+                    ranks.barrier("waiting for rank 0's evaluation")
                 sums.zero_()
                 instances = micro_batches = steps_in_interval = 0
                 wait_s = excluded_s = 0.0
@@ -311,10 +443,11 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
                 saved = (step, save(step, source_state))
                 excluded_s += time.perf_counter() - t0
     except StopRequested:
-        # At a step boundary: any gradients of a half-accumulated step are dropped, and the checkpoint holds
-        # the model, optimizer and source position as they were after `step`.
+        # At a step boundary, the same on every rank: gradients of a half-accumulated step are dropped, and
+        # the checkpoint holds the model, optimizer and source position as they were after `step`.
         path = saved[1] if saved[0] == step else save(step, source_state)
         raise StoppedEarly(step, path) from None
+    return step
 
 
 def _eval_record(step: int, scheduler, result, total_steps: int) -> dict:

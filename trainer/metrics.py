@@ -1,7 +1,8 @@
 """What a run reports: `metrics.jsonl` (one JSON object per logging step), TensorBoard events, the progress line.
 
 A training record holds at least step, loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy, lr,
-seq_per_s and data_wait_frac (see docs/trainer.md for every field); an evaluation adds eval_* fields to the
+seq_per_s and data_wait_frac (see docs/trainer.md for every field; with several ranks, the figures are the
+whole step's and rank_seq_per_s / rank_data_wait_frac list each rank's); an evaluation adds eval_* fields to the
 record of its step. The evaluation before the first step is a record of its own with only step, lr and
 eval_*. Values that are not finite (an fp16 overflow's grad norm) are written as null, so the file stays
 strict JSON.
@@ -89,6 +90,9 @@ def progress_line(record: dict, total_steps: int) -> str:
         if record.get("loss_scale") is not None:
             parts.append(f"scale {record['loss_scale']:g}")
         parts += [f"{record['seq_per_s']:.1f} seq/s", f"data wait {100 * record['data_wait_frac']:.0f}%"]
+        if record.get("rank_seq_per_s"):  # several ranks: each one's throughput and data wait
+            parts.append("by rank " + " ".join(f"{s:.1f}" for s in record["rank_seq_per_s"]) + " seq/s, wait "
+                         + " ".join(f"{100 * w:.0f}%" for w in record["rank_data_wait_frac"]))
         if record.get("messages_rejected"):
             parts.append(f"rejected {record['messages_rejected']}")
     if "eval_loss" in record:

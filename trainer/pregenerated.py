@@ -22,7 +22,7 @@ from common.progress import Every, log
 from common.vocab import Vocabulary
 from trainer import TrainerError
 from trainer.model import TensorBatch
-from trainer.source import concat_batches, to_tensors
+from trainer.source import concat_batches, slice_batch, to_tensors
 
 FEWER_EPOCHS_WARNING = (
     "Warning! There are fewer epochs of pregenerated data ({found}) than training epochs ({epochs}). This script "
@@ -136,7 +136,7 @@ class PregeneratedSource:
     finite = True  # it ends after --epochs; a stream does not
 
     def __init__(self, directory: str, epochs: int, vocab: Vocabulary, max_positions: int, micro_batch_size: int,
-                 seed: int, *, reduce_memory: bool, pin_memory: bool):
+                 seed: int, *, reduce_memory: bool, pin_memory: bool, shard: tuple[int, int] = (0, 1)):
         self.directory = Path(directory)
         self._epochs = epochs
         self._vocab = vocab
@@ -145,6 +145,9 @@ class PregeneratedSource:
         self._seed = seed
         self._reduce_memory = reduce_memory
         self._pin = pin_memory
+        # (rank, world size): every rank reads the same shuffled order, takes world_size micro-batches' worth
+        # of it at a time and keeps its own slice, so no instance is trained twice in a step.
+        self._rank, self._world = shard
         self._files: list[EpochFiles] = []
         self.max_seq_len: int | None = None
         self.epoch_instances: int | None = None
@@ -167,7 +170,7 @@ class PregeneratedSource:
         return sum(self._files[e % len(self._files)].num_examples for e in range(epochs))
 
     def next_batch(self) -> TensorBatch:
-        parts, need = [], self._micro
+        parts, need = [], self._micro * self._world
         while need:
             if self._epoch >= self._epochs:
                 raise DataExhausted(f"{self.directory}: all {self._epochs} epochs have been trained on")
@@ -178,7 +181,10 @@ class PregeneratedSource:
             self._offset += len(rows)
             if self._offset >= len(order):
                 self._epoch, self._offset = self._epoch + 1, 0
-        return to_tensors(concat_batches(parts), self._pin)
+        batch = concat_batches(parts)
+        if self._world > 1:
+            batch = slice_batch(batch, self._rank * self._micro, (self._rank + 1) * self._micro)
+        return to_tensors(batch, self._pin)
 
     def _epoch_data(self) -> tuple[Batch, np.ndarray]:
         if self._loaded is None or self._loaded[0] != self._epoch:
