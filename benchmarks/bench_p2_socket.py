@@ -6,8 +6,8 @@ Two windows of `--seconds`, alternating, `--repeats` times, the index warm:
 - delivered: a real `python -m producer --num_workers 1 --connect` (supervisor and worker pinned to one core)
   pushes to a PULL socket in this process (pinned to another core), which receives, decodes
   (`common.wire.decode`, every field checked) and makes the trainer's int64 tensors (`trainer.source.to_tensors`).
-- generated: the worker's own loop (`iter_batches` + `encode`, no socket) in a process pinned to the same core
-  as the producer, for the same time.
+- generated: the worker's own loop (`producer.worker.iter_worker_batches` + `encode`, no socket) in a
+  process pinned to the same core as the producer, for the same time.
 
 Ratio = delivered / generated; 1.0 means the socket, the receiver and the supervisor cost the worker nothing.
 Wall-clock rates on pinned cores (a rate through a socket has no CPU-time equivalent); run on an otherwise
@@ -32,27 +32,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import support  # noqa: E402
 
+from producer.cli import build_parser  # noqa: E402
+
 
 def generate_for(seconds: float, corpus: str, cache_dir: str, batch_size: int) -> None:
     """Child mode: the worker's loop without a socket for `seconds` of wall time; prints instances/s."""
     from common.config import GenerationConfig
-    from common.instances import iter_batches, worker_documents, worker_rng
     from common.wire import Header, encode
+    from producer.worker import iter_worker_batches
 
     vocab, index = support.build_index(corpus, support.minilm_dir(), cache_dir)
     config = GenerationConfig()
     header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))
-    count, epoch = 0, 0
+    count = 0
     start = time.monotonic()
     end = start + seconds
-    while time.monotonic() < end:
-        documents = worker_documents(index.num_documents, 42, epoch, 0, 1)
-        for batch in iter_batches(index, documents, config, vocab, worker_rng(42, 0, epoch), batch_size):
-            encode(header, batch)
-            count += batch.size
-            if time.monotonic() >= end:
-                break
-        epoch += 1
+    for _, batch in iter_worker_batches(index, config, vocab, 42, 0, 1, batch_size):  # epochs without end
+        encode(header, batch)
+        count += batch.size
+        if time.monotonic() >= end:
+            break
     print(count / (time.monotonic() - start))
 
 
@@ -115,7 +114,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window of each side")
     parser.add_argument("--warmup_s", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=build_parser().get_default("batch_size"),
+                        help="instances per message (default: the producer's default, %(default)s)")
     parser.add_argument("--_generate", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._generate is not None:
