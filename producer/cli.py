@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--connect", action="append", default=None, metavar="ENDPOINT",
                         help="trainer endpoint to PUSH batches to, tcp://HOST:PORT or ipc://PATH (repeatable)")
     stream.add_argument("--ranks_per_endpoint", type=int, default=1,
-                        help="a tcp endpoint stands for this many trainer ranks on consecutive ports "
-                        "(PORT, PORT+1, ...), as torchrun's ranks bind them (default %(default)s)")
+                        help="an endpoint stands for this many trainer ranks on its host, as torchrun's ranks bind "
+                        "them: tcp on consecutive ports (PORT, PORT+1, ...), ipc as PATH-0, PATH-1, ... "
+                        "(default %(default)s)")
     stream.add_argument("--batch_size", type=int, default=128,
                         help="instances per message (default %(default)s); the trainer re-slices them into its own "
                         "micro-batches, so this only trades per-message overhead for latency")
@@ -218,7 +219,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
 
 
 def expand_endpoints(parser: argparse.ArgumentParser, endpoints: list[str], ranks_per_endpoint: int) -> tuple[str, ...]:
-    """Each endpoint checked, and a tcp one widened to its trainer ranks' consecutive ports."""
+    """Each endpoint checked, and widened to its trainer ranks' endpoints (consecutive tcp ports, or ipc PATH-r)."""
     if not 1 <= ranks_per_endpoint <= 1024:
         parser.error(f"--ranks_per_endpoint {ranks_per_endpoint}: must be between 1 and 1024")
     expanded = []
@@ -227,9 +228,11 @@ def expand_endpoints(parser: argparse.ArgumentParser, endpoints: list[str], rank
         if not match:
             parser.error(f"--connect {endpoint}: expected tcp://HOST:PORT or ipc://PATH")
         if match["port"] is None:
-            if ranks_per_endpoint > 1:
-                parser.error(f"--connect {endpoint}: --ranks_per_endpoint {ranks_per_endpoint} needs tcp endpoints")
-            expanded.append(endpoint)
+            # ipc: a node's trainer ranks bind PATH-0, PATH-1, ... (a trainer alone binds PATH itself).
+            if ranks_per_endpoint == 1:
+                expanded.append(endpoint)
+            else:
+                expanded += [f"{endpoint}-{rank}" for rank in range(ranks_per_endpoint)]
             continue
         port = int(match["port"])
         if not 1 <= port <= 65535 - (ranks_per_endpoint - 1):

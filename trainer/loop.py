@@ -91,11 +91,14 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
         return PregeneratedSource(config.pregenerated_data, train.epochs, vocab, max_positions,
                                   train.micro_batch_size, train.seed, reduce_memory=config.reduce_memory,
                                   pin_memory=runtime.pin_memory, shard=(place.rank, place.world_size))
+    hint = None  # for the data-timeout message: what a producer runs to feed this node's ranks
+    if place.local_world_size > 1:
+        hint = f"--connect {config.bind} --ranks_per_endpoint {place.local_world_size}"
     return StreamSource(place.endpoint(config.bind), vocab.fingerprint(max_positions), max_positions,
-                        train.micro_batch_size,
-                        pin_memory=runtime.pin_memory, prefetch_batches=config.prefetch_batches,
-                        max_message_bytes=config.max_message_bytes, data_timeout_s=config.data_timeout_s,
-                        stop=stop, curve=config.curve_keys())
+                        train.micro_batch_size, pin_memory=runtime.pin_memory,
+                        prefetch_batches=config.prefetch_batches, max_message_bytes=config.max_message_bytes,
+                        data_timeout_s=config.data_timeout_s, stop=stop, curve=config.curve_keys(),
+                        connect_hint=hint)
 
 
 def plan_steps(train: TrainConfig, source) -> int:

@@ -182,8 +182,9 @@ class StreamSource:
 
     def __init__(self, bind: str, expected: Fingerprint, max_positions: int, micro_batch_size: int, *,
                  pin_memory: bool, prefetch_batches: int, max_message_bytes: int, data_timeout_s: float,
-                 stop: threading.Event, curve: security.ServerKeys | None = None):
+                 stop: threading.Event, curve: security.ServerKeys | None = None, connect_hint: str | None = None):
         self.bind = bind
+        self._connect_hint = connect_hint or f"--connect {bind}"  # how producers reach us, for the timeout message
         self._curve_keys = curve  # None: no encryption, anyone who reaches the endpoint may send
         self._curve: security.CurveServer | None = None
         self._expected = expected
@@ -271,7 +272,7 @@ class StreamSource:
             now = time.monotonic()
             if self._timeout_s and now - started >= self._timeout_s:
                 raise DataTimeout(f"no batch on {self.bind} for {now - started:.0f}s (--data_timeout "
-                                  f"{self._timeout_s:g}); is a producer running with --connect {self.bind}?")
+                                  f"{self._timeout_s:g}); is a producer running with {self._connect_hint}?")
             if now >= next_note:
                 log.info("waiting for data on %s: no batch for %.0fs", self.bind, now - started)
                 next_note = now + WAIT_NOTE_S
