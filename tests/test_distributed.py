@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ from common.wire import decode
 from conftest import REPO, write_corpus
 from trainer import EXIT_ERROR
 from trainer.cli import main
-from trainer_support import TIMEOUT_S, captured_log, train_records, trainer_flags
+from trainer_support import (TIMEOUT_S, Sender, captured_log, message, real_batches, state_dict_of, train_records,
+                             trainer_flags, write_seed_epochs)
 
 RUN_TIMEOUT_S = 4 * TIMEOUT_S  # a guard against hangs (the point of these tests), never a speed assertion
 FINISHED = re.compile(r"rank(\d) INFO rank \d finished at step (\d+) after (\d+) step\(s\) of its own data; "
@@ -62,9 +64,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def start_torchrun(model: Path, out: Path, port: int, log_path: Path, *flags: str) -> subprocess.Popen:
+def start_torchrun(model: Path, out: Path, port: int | None, log_path: Path, *flags: str) -> subprocess.Popen:
+    """Two ranks on the CPU; they bind `port` and `port` + 1 (no port: the flags name another source)."""
+    source = ("--bind", f"tcp://127.0.0.1:{port}") if port else ()
     command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
-               *trainer_flags(model, out, "--bind", f"tcp://127.0.0.1:{port}", "--no_cuda", *flags)]
+               *trainer_flags(model, out, *source, "--no_cuda", *flags)]
     with open(log_path, "a") as log:
         return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
 
@@ -102,6 +106,15 @@ def rank_lines(log: str, rank: int) -> list[str]:
 def fed_by(log: str, rank: int, producer: subprocess.Popen) -> bool:
     """Whether `rank` trained on batches of `producer` (each rank names every producer on its first batch)."""
     return any(re.search(rf"stream: batches from producer \S+:{producer.pid}$", line) for line in rank_lines(log, rank))
+
+
+def wait_for_line(log_path: Path, text: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        if text in log_path.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"never logged {text!r} (exit {process.poll()})")
 
 
 def wait_for_step(out: Path, step: int, process: subprocess.Popen) -> None:
@@ -187,47 +200,55 @@ def test_a_producer_leaves_and_another_joins_without_a_hang(tiny_model_dir, corp
 
 
 def test_sigterm_stops_every_rank_at_one_step_and_the_run_resumes(tiny_model_dir, corpus, tmp_path):
+    """A producer with one epoch (~120 instances) for a run of 320: the ranks end up waiting for data, one of
+    them perhaps with its step's batches in hand. SIGTERM stops both at the same step with a checkpoint, and
+    the same command, fed by a new producer, resumes there and finishes."""
     port, out, log_path = free_port_pair(), tmp_path / "out", tmp_path / "torchrun.log"
-    producer = start_producer(tiny_model_dir, corpus, port, tmp_path, "producer", seed=1)
-    flags = ("--max_steps", "300", "--logging_steps", "5", "--save_steps", "0", "--data_timeout", str(TIMEOUT_S))
+    flags = ("--max_steps", "40", "--logging_steps", "2", "--save_steps", "0", "--data_timeout", str(TIMEOUT_S))
+    first = start_producer(tiny_model_dir, corpus, port, tmp_path, "first", 1, "--epochs", "1")
+    trainer = start_torchrun(tiny_model_dir, out, port, log_path, *flags)
+    second = None
     try:
-        trainer = start_torchrun(tiny_model_dir, out, port, log_path, *flags)
-        wait_for_step(out, 10, trainer)
+        wait_for_step(out, 2, trainer)
+        first.wait(timeout=RUN_TIMEOUT_S)  # its epoch is out: the run cannot finish on what it sent
         trainer.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
         trainer.wait(timeout=RUN_TIMEOUT_S)  # torchrun's own status is 1 after a signal; the ranks say 75
         stopped = {int(m[1]): int(m[2]) for m in re.finditer(r"rank(\d) WARNING stopped at step (\d+); checkpoint",
                                                              log_path.read_text())}
         assert sorted(stopped) == [0, 1] and stopped[0] == stopped[1], log_path.read_text()[-4000:]
         step = stopped[0]
-        assert (out / "checkpoints" / f"step_{step:08d}").is_dir()
+        assert 2 <= step < 40 and (out / "checkpoints" / f"step_{step:08d}").is_dir()
 
+        second = start_producer(tiny_model_dir, corpus, port, tmp_path, "second", 2)
         trainer = start_torchrun(tiny_model_dir, out, port, log_path, *flags)  # the same command again
         code = trainer.wait(timeout=RUN_TIMEOUT_S)
     finally:
-        stop(trainer, producer)
+        stop(trainer, first, *([second] if second else []))
     log = log_path.read_text()
     assert code == 0, log[-4000:]
     finished = finished_lines(log)
-    assert finished[0] == finished[1] and finished[0][:2] == (300, 300 - step)
-    assert [r["step"] for r in train_records(out)] == list(range(5, 301, 5))  # each step once, across both runs
+    assert finished[0] == finished[1] and finished[0][:2] == (40, 40 - step)
+    assert [r["step"] for r in train_records(out)] == [s for s in range(2, 41, 2) if s <= step] + \
+        [s for s in range(2, 41, 2) if s > step]  # each step once, across both runs
 
 
 def test_a_rank_without_data_ends_every_rank(tiny_model_dir, corpus, tmp_path):
-    """A producer that feeds rank 0 only: rank 1's --data_timeout ends it, and rank 0 too, instead of a hang."""
+    """Batches for rank 0 only: rank 1's --data_timeout ends it, and rank 0, waiting at the vote with its
+    data in hand, ends too instead of waiting forever."""
     port, out, log_path = free_port_pair(), tmp_path / "out", tmp_path / "torchrun.log"
-    command = [sys.executable, "-m", "producer", "--train_corpus", str(corpus), "--bert_model", str(tiny_model_dir),
-               "--do_lower_case", "--cache_dir", str(tmp_path / "cache"), "--connect", f"tcp://127.0.0.1:{port}",
-               "--num_workers", "1", "--max_seq_len", "64"]
-    with open(tmp_path / "producer.log", "w") as producer_log:
-        producer = subprocess.Popen(command, cwd=REPO, env=environment(), stdout=producer_log,
-                                    stderr=subprocess.STDOUT)
+    batches = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=4, count=4)
     trainer = start_torchrun(tiny_model_dir, out, port, log_path, "--max_steps", "20", "--data_timeout", "2")
     try:
+        wait_for_line(log_path, f"rank0 INFO stream: listening on tcp://127.0.0.1:{port}", trainer)
+        sender = Sender(f"tcp://127.0.0.1:{port}", [message(tiny_model_dir, b) for b in batches], out)
+        sender.start()
         trainer.wait(timeout=RUN_TIMEOUT_S)
+        sender.join(timeout=TIMEOUT_S)
     finally:
-        stop(trainer, producer)
+        stop(trainer)
     log = log_path.read_text()
-    assert any(f"no batch on tcp://127.0.0.1:{port + 1} for" in line for line in rank_lines(log, 1)), log[-4000:]
+    assert any(f"no batch on tcp://127.0.0.1:{port + 1} for" in line and "--ranks_per_endpoint 2" in line
+               for line in rank_lines(log, 1)), log[-4000:]
     assert any("rank 1 failed" in line for line in rank_lines(log, 0)), log[-4000:]
     assert not (out / "model.safetensors").exists()
 
@@ -292,3 +313,38 @@ def test_ipc_endpoints_expand_as_the_ranks_bind_them(tmp_path, monkeypatch):
 
     ranks = [DistributedConfig(local_rank=r, rank=r, world_size=2, local_world_size=2) for r in range(2)]
     assert tuple(r.endpoint(f"ipc://{tmp_path}/s") for r in ranks) == config.stream.endpoints
+
+
+def test_two_ranks_train_as_one_process_accumulating_the_same_batches(tiny_model_dir, corpus, tmp_path):
+    """--train_batch_size stays the total: on the same pregenerated data, two ranks with micro-batches of 4
+    take the same steps as one process accumulating two micro-batches of 4 (dropout off, so they can match)."""
+    import json
+
+    import numpy as np
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    write_seed_epochs(tmp_path / "data", model, corpus, epochs=1)
+    flags = ("--pregenerated_data", str(tmp_path / "data"), "--max_steps", "10", "--logging_steps", "5",
+             "--save_steps", "0", "--no_cuda")
+
+    assert main(trainer_flags(model, tmp_path / "one", *flags, "--gradient_accumulation_steps", "2")) == 0
+    trainer = start_torchrun(model, tmp_path / "two", None, tmp_path / "torchrun.log", *flags)
+    try:
+        code = trainer.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        stop(trainer)
+    assert code == 0, (tmp_path / "torchrun.log").read_text()[-4000:]
+
+    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [5, 10]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["lr"] == pytest.approx(a["lr"])
+    alone, together = state_dict_of(tmp_path / "one"), state_dict_of(tmp_path / "two")
+    before = state_dict_of(model)
+    for name, weights in alone.items():
+        assert np.allclose(together[name], weights, atol=1e-5), name
+    assert not np.allclose(alone["bert.pooler.dense.weight"], before["bert.pooler.dense.weight"])

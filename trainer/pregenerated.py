@@ -22,7 +22,7 @@ from common.progress import Every, log
 from common.vocab import Vocabulary
 from trainer import TrainerError
 from trainer.model import TensorBatch
-from trainer.source import concat_batches, slice_batch, to_tensors
+from trainer.source import concat_batches, to_tensors
 
 FEWER_EPOCHS_WARNING = (
     "Warning! There are fewer epochs of pregenerated data ({found}) than training epochs ({epochs}). This script "
@@ -145,8 +145,8 @@ class PregeneratedSource:
         self._seed = seed
         self._reduce_memory = reduce_memory
         self._pin = pin_memory
-        # (rank, world size): every rank reads the same shuffled order, takes world_size micro-batches' worth
-        # of it at a time and keeps its own slice, so no instance is trained twice in a step.
+        # (rank, world size): every rank reads the same shuffled order and keeps its own micro-batch of each
+        # world_size micro-batches' worth of it, so no instance is trained twice in a step.
         self._rank, self._world = shard
         self._files: list[EpochFiles] = []
         self.max_seq_len: int | None = None
@@ -170,21 +170,25 @@ class PregeneratedSource:
         return sum(self._files[e % len(self._files)].num_examples for e in range(epochs))
 
     def next_batch(self) -> TensorBatch:
-        parts, need = [], self._micro * self._world
+        """The next micro-batch of this rank. The shuffled order is dealt out in rounds of world_size
+        micro-batches and rank r takes the r-th of each round: what one process accumulating world_size
+        micro-batches takes at that place, so the runs match whatever the number of processes."""
+        start, stop = self._rank * self._micro, (self._rank + 1) * self._micro  # this rank's place in a round
+        parts, dealt, need = [], 0, self._micro * self._world
         while need:
             if self._epoch >= self._epochs:
                 raise DataExhausted(f"{self.directory}: all {self._epochs} epochs have been trained on")
             data, order = self._epoch_data()
-            rows = np.sort(order[self._offset : self._offset + need])  # sorted: sequential reads from a map
-            parts.append(Batch(**{name: np.asarray(getattr(data, name)[rows]) for name in Batch.FIELDS}))
+            rows = order[self._offset : self._offset + need]
+            mine = np.sort(rows[max(0, start - dealt) : max(0, stop - dealt)])  # sorted: sequential reads from a map
+            if len(mine):
+                parts.append(Batch(**{name: np.asarray(getattr(data, name)[mine]) for name in Batch.FIELDS}))
+            dealt += len(rows)
             need -= len(rows)
             self._offset += len(rows)
             if self._offset >= len(order):
                 self._epoch, self._offset = self._epoch + 1, 0
-        batch = concat_batches(parts)
-        if self._world > 1:
-            batch = slice_batch(batch, self._rank * self._micro, (self._rank + 1) * self._micro)
-        return to_tensors(batch, self._pin)
+        return to_tensors(concat_batches(parts), self._pin)
 
     def _epoch_data(self) -> tuple[Batch, np.ndarray]:
         if self._loaded is None or self._loaded[0] != self._epoch:
