@@ -64,10 +64,11 @@ def environment() -> dict[str, str]:
     return env
 
 
-def start_torchrun(model: Path, out: Path, port: int | None, log_path: Path, *flags: str) -> subprocess.Popen:
+def start_torchrun(model: Path, out: Path, port: int | None, log_path: Path, *flags: str,
+                   entry: tuple[str, ...] = ("-m", "trainer")) -> subprocess.Popen:
     """Two ranks on the CPU; they bind `port` and `port` + 1 (no port: the flags name another source)."""
     source = ("--bind", f"tcp://127.0.0.1:{port}") if port else ()
-    command = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
+    command = ["torchrun", "--standalone", "--nproc_per_node", "2", *entry,
                *trainer_flags(model, out, *source, "--no_cuda", *flags)]
     with open(log_path, "a") as log:
         return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
@@ -180,7 +181,8 @@ def test_a_producer_leaves_and_another_joins_without_a_hang(tiny_model_dir, corp
     port, out, log_path = free_port_pair(), tmp_path / "out", tmp_path / "torchrun.log"
     first = start_producer(tiny_model_dir, corpus, port, tmp_path, "first", 1, "--epochs", "1")
     trainer = start_torchrun(tiny_model_dir, out, port, log_path, "--max_steps", "40", "--logging_steps", "2",
-                             "--save_steps", "0", "--data_timeout", str(TIMEOUT_S))
+                             "--save_steps", "0", "--data_timeout", str(TIMEOUT_S),
+                             entry=("--no-python", "bertstream-trainer"))  # the console script, as users run it
     second = None
     try:
         wait_for_step(out, 2, trainer)

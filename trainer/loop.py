@@ -31,7 +31,7 @@ from trainer.cli import DeviceConfig, DistributedConfig, SourceConfig, TrainConf
 from trainer.distributed import FAIL, GO, STOP, Ranks
 from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_eval_index
 from trainer.metrics import MetricsLog, progress_line
-from trainer.model import load_model, load_tokenizer_for_saving, parameter_groups, pretraining_loss
+from trainer.model import load_model, load_tokenizer_for_saving, parameter_groups
 from trainer.pregenerated import PregeneratedSource
 from trainer.source import StopRequested, StreamSource
 
