@@ -350,3 +350,15 @@ def test_two_ranks_train_as_one_process_accumulating_the_same_batches(tiny_model
     for name, weights in alone.items():
         assert np.allclose(together[name], weights, atol=1e-5), name
     assert not np.allclose(alone["bert.pooler.dense.weight"], before["bert.pooler.dense.weight"])
+
+
+@pytest.mark.parametrize("spelling", ["--local_rank", "--local-rank"])  # the seed's, and torch.distributed.launch's
+def test_the_seeds_local_rank_flag_is_accepted(spelling, tmp_path, monkeypatch):
+    from trainer.cli import parse_args
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    config = parse_args(["--bert_model", "m", "--output_dir", str(tmp_path), spelling, "0"])
+    assert config.distributed.local_rank == 0 and config.distributed.world_size == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")  # the same value from torchrun's environment is no conflict
+    assert parse_args(["--bert_model", "m", "--output_dir", str(tmp_path), spelling, "0"]).distributed.local_rank == 0

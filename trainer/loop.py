@@ -63,6 +63,10 @@ class Runtime:
 
 def resolve_runtime(config: DeviceConfig, distributed: DistributedConfig) -> Runtime:
     if torch.cuda.is_available() and not config.no_cuda:
+        if distributed.local_rank >= torch.cuda.device_count():
+            raise TrainerError(f"local rank {distributed.local_rank} (--local_rank or LOCAL_RANK) but this machine "
+                               f"has {torch.cuda.device_count()} GPU(s): run one process per GPU at most "
+                               "(torchrun --nproc_per_node)")
         device = torch.device("cuda", max(distributed.local_rank, 0))
         torch.cuda.set_device(device)
     else:
