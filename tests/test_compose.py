@@ -117,11 +117,12 @@ def test_compose_services_train_and_stop_together(tmp_path, tiny_model_dir):
 
 def test_images_entry_points_are_the_console_scripts():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"bertstream-producer": "producer.__main__:main", "bertstream-trainer": "trainer.__main__:main"}
+    assert scripts["bertstream-producer"] == "producer.__main__:main"
+    assert scripts["bertstream-trainer"] == "trainer.__main__:main"
     dockerfile = (REPO / "Dockerfile").read_text()
     assert re.search(r"^FROM pytorch/pytorch:\S+-cuda\S+", dockerfile, re.M), "base image is not an official CUDA one"
     assert re.search(r"^RUN pip install .*\"?\.\[", dockerfile, re.M), "the image does not install this package"
-    for script in scripts:
+    for script in ("bertstream-producer", "bertstream-trainer"):
         assert f"{script} --help" in dockerfile  # the build fails if an entry point does not start
     compose = load_compose({})
     assert shlex.split(compose["services"]["producer"]["command"])[0] == "bertstream-producer"
@@ -137,6 +138,7 @@ def test_compose_defaults_and_policies():
     assert "--fp16" in trainer_args
     producer_args = shlex.split(producer["command"])
     assert producer_args[producer_args.index("--max_seq_len") + 1] == "128"
+    assert producer_args[producer_args.index("--seed") + 1] == "host"  # scaled replicas must not repeat each other
     assert "tcp://0.0.0.0:5555" in trainer_args and "tcp://trainer:5555" in producer_args
     assert trainer["restart"] == producer["restart"] == "on-failure"  # a normal end (exit 0) is not restarted
     assert "ports" not in trainer  # the stream port stays inside the compose network
