@@ -9,8 +9,10 @@ flag names, so a config's `ValueError("masked_lm_prob must be in (0, 1], got 1.5
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
+import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,17 @@ from common.wire import MAX_BATCH
 
 SEED_EPOCHS_TO_GENERATE = 3  # pregenerate_training_data.py's default
 _ENDPOINT = re.compile(r"^(?:tcp://(?P<host>[^\s/]+):(?P<port>\d+)|ipc://\S+)$")
+
+
+def parse_seed(value: str) -> int:
+    """An integer, or `host`: a seed from the host name (stable per container, different per replica)."""
+    if value == "host":
+        digest = hashlib.sha256(socket.gethostname().encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'host', got {value!r}") from None
 
 
 def default_num_workers() -> int:
@@ -138,9 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("bertstream")
     ours.add_argument("--num_workers", type=int, default=default_num_workers(),
                       help="worker processes (default: usable CPUs - 1, here %(default)s)")
-    ours.add_argument("--seed", type=int, default=42,
-                      help="same corpus, model, flags, seed and worker count give the same instances "
-                      "(default %(default)s)")
+    ours.add_argument("--seed", type=parse_seed, default=42,
+                      help="same corpus, model, flags, seed and worker count give the same instances; "
+                      "`host` derives it from the host name, so replicas of one container (docker compose "
+                      "--scale) stream different instances (default %(default)s)")
     ours.add_argument("--cache_dir", default=str(default_cache_dir()),
                       help="where the tokenized corpus index is cached (default %(default)s)")
     ours.add_argument("--progress_interval_s", type=float, default=10.0,
