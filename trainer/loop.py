@@ -33,7 +33,7 @@ from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_
 from trainer.metrics import MetricsLog, progress_line
 from trainer.model import load_model, load_tokenizer_for_saving, parameter_groups
 from trainer.pregenerated import PregeneratedSource
-from trainer.source import StopRequested, StreamSource
+from trainer.source import DataTimeout, StopRequested, StreamSource
 
 STATE_FORMAT = 1
 
@@ -454,6 +454,13 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
         # the checkpoint holds the model, optimizer and source position as they were after `step`.
         path = saved[1] if saved[0] == step else save(step, source_state)
         raise StoppedEarly(step, path) from None
+    except DataTimeout:
+        # No batch for --data_timeout, at a step boundary: keep the steps trained since the last checkpoint, so
+        # the same command resumes there. One process only: with several, the others stop on PeerFailed (which
+        # also means a lost rank), and a checkpoint needs every rank.
+        if not ranks.distributed and step > start_step and saved[0] != step:
+            save(step, source_state)
+        raise
     return step
 
 
