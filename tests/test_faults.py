@@ -18,7 +18,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -99,6 +98,14 @@ def wait_for(log_path: Path, pattern: str, *alive: subprocess.Popen, count: int 
     raise AssertionError(f"{pattern!r} not seen {count} times in {log_path}:\n{log_path.read_text()}")
 
 
+def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached: {what}")
+        time.sleep(0.02)
+
+
 def steps(output_dir: Path) -> list[int]:
     """Steps of the training records in metrics.jsonl; a line still being written is left out."""
     path = output_dir / "metrics.jsonl"
@@ -164,7 +171,7 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 def assert_loads(output_dir: Path) -> None:
-    """The final model loads as transformers loads it, and training moved it."""
+    """The final model and tokenizer load as transformers loads them."""
     from transformers import AutoTokenizer, BertForPreTraining
 
     BertForPreTraining.from_pretrained(str(output_dir))
@@ -263,14 +270,6 @@ def test_kill_9_of_the_whole_producer_trainer_waits_resumes_then_times_out(tiny_
           f"--data_timeout ended it with a checkpoint at step {resumed_to} ({time.monotonic() - started:.0f} s)")
 
 
-def wait_until(condition, what: str, timeout_s: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not reached: {what}")
-        time.sleep(0.02)
-
-
 # --- trainer faults ---------------------------------------------------------------------------------------
 
 
@@ -356,12 +355,17 @@ def test_kill_9_in_the_middle_of_a_checkpoint_resumes_from_the_last_complete_one
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
+    """A small filesystem of its own at `path`, if this user may mount one (root may); else False, said why."""
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                            text=True)
-    if result.returncode != 0:
-        print(f"\ncannot mount a tmpfs ({result.stderr.strip() or result.returncode}): using RLIMIT_FSIZE instead")
-    return result.returncode == 0
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                capture_output=True, text=True, timeout=TIMEOUT_S)
+        problem = result.stderr.strip() or f"exit status {result.returncode}" if result.returncode else None
+    except OSError as exc:  # no mount command
+        problem = str(exc)
+    if problem:
+        print(f"\ncannot mount a tmpfs ({problem}): using RLIMIT_FSIZE instead")
+    return problem is None
 
 
 def test_disk_full_while_writing_a_checkpoint(tiny_model_dir, corpus, tmp_path):
@@ -392,7 +396,8 @@ def test_disk_full_while_writing_a_checkpoint(tiny_model_dir, corpus, tmp_path):
         assert process.wait(timeout=4 * TIMEOUT_S) == EXIT_ERROR, log_path.read_text()
         text = log_path.read_text()
         errno = "No space left on device" if mounted else "File too large"
-        failed = [line for line in text.splitlines() if f"could not write checkpoint {out / 'checkpoints'}" in line]
+        failed = [line for line in text.splitlines()
+                  if f"could not write checkpoint {out / 'checkpoints' / 'step_00000004'}" in line]
         assert failed and errno in failed[0] and "earlier checkpoints are intact" in failed[0], text
         assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
         assert Checkpoints.load_state(out / "checkpoints" / "step_00000002")["step"] == 2
