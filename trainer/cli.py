@@ -261,30 +261,40 @@ def build_parser() -> argparse.ArgumentParser:
     seed = p.add_argument_group("the seed's flags (finetune_on_pregenerated.py)")
     seed.add_argument("--pregenerated_data", type=str, default=None,
                       help="read the seed's epoch_{i}.json files from this folder instead of the stream")
-    seed.add_argument("--output_dir", type=str, required=True)
+    seed.add_argument("--output_dir", type=str, required=True,
+                      help="metrics.jsonl, checkpoints/ and the final model + tokenizer; rerunning resumes here")
     seed.add_argument("--bert_model", type=str, required=True, help="hub name or local model directory")
-    seed.add_argument("--do_lower_case", action="store_true")
+    seed.add_argument("--do_lower_case", action="store_true",
+                      help="lower-case text (uncased models); must match the producer's, it is in the fingerprint")
     seed.add_argument("--reduce_memory", action="store_true",
                       help="pregenerated data: keep an epoch in memory maps on disk instead of RAM")
-    seed.add_argument("--epochs", type=int, default=3)
+    seed.add_argument("--epochs", type=int, default=3,
+                      help="steps = epochs x instances of an epoch / --train_batch_size, unless --max_steps")
     seed.add_argument("--local_rank", "--local-rank", type=int, default=-1,
                       help="the GPU of this process (torchrun sets LOCAL_RANK instead; both must agree if given)")
-    seed.add_argument("--no_cuda", action="store_true")
-    seed.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    seed.add_argument("--no_cuda", action="store_true", help="train on the CPU even when a GPU is there")
+    seed.add_argument("--gradient_accumulation_steps", type=int, default=1,
+                      help="micro-batches per optimizer step; the micro-batch is --train_batch_size / this / ranks")
     seed.add_argument("--train_batch_size", type=int, default=32, help="total batch per optimizer step")
-    seed.add_argument("--fp16", action="store_true")
+    seed.add_argument("--fp16", action="store_true",
+                      help="float16 autocast with a GradScaler (CUDA; on the CPU it warns and trains in float32)")
     seed.add_argument("--loss_scale", type=float, default=0.0, help="fp16: 0 = dynamic, else a static scale")
-    seed.add_argument("--warmup_proportion", type=float, default=0.1)
-    seed.add_argument("--learning_rate", type=float, default=3e-5)
-    seed.add_argument("--seed", type=int, default=42)
+    seed.add_argument("--warmup_proportion", type=float, default=0.1,
+                      help="linear warmup over this share of the steps, then linear decay to 0")
+    seed.add_argument("--learning_rate", type=float, default=3e-5,
+                      help="AdamW peak learning rate (weight decay 0.01, none on biases and LayerNorm weights)")
+    seed.add_argument("--seed", type=int, default=42,
+                      help="seeds torch, numpy, random and the pregenerated data's per-epoch shuffle")
 
     stream = p.add_argument_group("stream")
     stream.add_argument("--bind", type=str, default=None, help=f"PULL endpoint producers connect to "
                         f"(default {DEFAULT_BIND}); not with --pregenerated_data")
     stream.add_argument("--data_timeout", type=float, default=0.0,
                         help="seconds without a batch before giving up (0 = wait forever)")
-    stream.add_argument("--prefetch_batches", type=int, default=4)
-    stream.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES)
+    stream.add_argument("--prefetch_batches", type=int, default=4,
+                        help="decoded micro-batches held ready ahead of the training loop")
+    stream.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="larger frames are dropped unread (ZMQ_MAXMSGSIZE and the decoder's limit)")
     stream.add_argument("--curve_secret_key", type=str, default=None, metavar="FILE",
                         help="the trainer's NAME.key_secret (from bertstream-keys, mode 0600): CURVE-encrypt the "
                         "stream and admit only the producers in --curve_authorized_keys")
@@ -294,17 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("run")
     run.add_argument("--max_steps", type=int, default=0, help="optimizer steps (0 = from --epochs)")
-    run.add_argument("--bf16", action="store_true")
-    run.add_argument("--logging_steps", type=int, default=50)
+    run.add_argument("--bf16", action="store_true", help="bfloat16 autocast, no loss scaling")
+    run.add_argument("--logging_steps", type=int, default=50,
+                     help="a metrics record and a progress line every this many steps (and at the last)")
     run.add_argument("--save_steps", type=int, default=1000, help="0 = checkpoint only at the end")
-    run.add_argument("--keep_checkpoints", type=int, default=3)
+    run.add_argument("--keep_checkpoints", type=int, default=3, help="the newest this many checkpoints are kept")
     run.add_argument("--no_resume", action="store_true",
                      help="start afresh: delete the checkpoints and metrics of an earlier run in --output_dir")
 
     ev = p.add_argument_group("held-out evaluation")
-    ev.add_argument("--eval_corpus", type=str, default=None)
+    ev.add_argument("--eval_corpus", type=str, default=None,
+                    help="held-out text (corpus format): MLM loss/accuracy and NSP accuracy at start, every --eval_steps, end")
     ev.add_argument("--eval_steps", type=int, default=500, help="0 = only at start and end")
-    ev.add_argument("--eval_instances", type=int, default=512)
+    ev.add_argument("--eval_instances", type=int, default=512, help="size of the fixed evaluation set")
     ev.add_argument("--cache_dir", type=str, default=None, help="where the eval corpus's token index is kept")
     return p
 
