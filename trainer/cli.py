@@ -152,7 +152,7 @@ class DistributedConfig:
     """This process's place among the training processes: the one place rank and world size are decided.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; with WORLD_SIZE above 1 every process
-    trains with DDP on its own stream (see docs/scaleout.md). Only rank 0 writes (metrics, checkpoints, the
+    trains with DDP on its own stream (see the README, "Several GPUs and several producer hosts"). Only rank 0 writes (metrics, checkpoints, the
     final model).
     """
 
