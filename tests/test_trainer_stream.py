@@ -16,7 +16,7 @@ from conftest import REPO, free_tcp_endpoint, write_corpus, write_tiny_model
 from trainer import EXIT_ERROR, EXIT_OK
 from trainer.cli import main
 from trainer.metrics import TRAIN_FIELDS
-from trainer_support import (TIMEOUT_S, Sender, captured_log, message, read_metrics, real_batches, start_trainer,
+from trainer_support import (stop, TIMEOUT_S, Sender, captured_log, message, read_metrics, real_batches, start_trainer,
                              state_dict_of, train_records, trainer_flags, vocabulary)
 
 
@@ -32,16 +32,6 @@ def start_producer(model: Path, corpus: Path, endpoint: str, tmp_path: Path, *fl
                "--num_workers", "2", "--seed", "5", *flags]
     with log:
         return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def test_trains_from_a_real_producer_and_saves_a_loadable_model(tiny_model_dir, corpus, tmp_path):

@@ -142,3 +142,15 @@ class Sender(threading.Thread):
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
                 time.sleep(0.05)
+
+
+def stop(*processes: subprocess.Popen) -> None:
+    """Terminate, then kill after TIMEOUT_S, and always reap: a failing test leaves no process behind."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
