@@ -39,7 +39,7 @@ BENCHMARKS = [
     ("P4", "start to first optimizer step, 40 MB, cold / warm cache", "bench_p4_startup.py", ["--repeats", "2"]),
     ("P5", "producer peak memory (largest process), 40 MB vs 4 MB corpus", "bench_p5_memory.py", ["--repeats", "1"]),
     ("P6", "trainer seq/s vs a stock loop (MiniLM, batch 32, seq 128, CPU)", "bench_p6_trainer_step.py",
-     ["--repeats", "2", "--steps", "8", "--logging_steps", "2"]),
+     ["--repeats", "3", "--steps", "3"]),
     ("P7", "bytes written to disk per streamed epoch", "bench_p7_disk.py", ["--repeats", "2"]),
 ]
 
