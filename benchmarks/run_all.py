@@ -32,9 +32,9 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [
     ("P1", "instances/s of one producer worker vs the seed's loop (CPU-s, WWM)", "bench_p1_worker.py",
      ["--repeats", "3"]),
-    ("P2", "instances/s delivered through ZeroMQ + decoded to tensors vs generated", "bench_p2_socket.py",
+    ("P2", "instances delivered through ZeroMQ + decoded to tensors vs generated (per CPU-s)", "bench_p2_socket.py",
      ["--repeats", "2", "--seconds", "6"]),
-    ("P3", "data wait of the streamed trainer; its seq/s vs fed from memory (tiny, CPU)", "bench_p3_data_wait.py",
+    ("P3", "streamed trainer's data wait; its seq per CPU-s vs fed from memory (tiny, CPU)", "bench_p3_data_wait.py",
      ["--repeats", "2", "--steps", "100"]),
     ("P4", "start to first optimizer step, 40 MB, cold / warm cache", "bench_p4_startup.py", ["--repeats", "2"]),
     ("P5", "producer peak memory (largest process), 40 MB vs 4 MB corpus", "bench_p5_memory.py", ["--repeats", "1"]),
