@@ -38,9 +38,10 @@ STEPS = [
     ("a2db054", "masking a batch at a time, truncation vectorised, scalar draws from a buffer", 32, 32),
     ("5056719", "flat indices in masking and assembly, bisect for the chunk's end", 32, 32),
     ("c68c608", "generated 128 at a time, messages of 32 cut from them", 128, 32),
-    ("c68c608", "messages of 128 (the new --batch_size default)", 128, 128),
+    ("c68c608", "messages of 128 (--batch_size default 128)", 128, 128),
     ("c391129", "random next segments drawn for the whole batch", 128, 128),
     ("d025296", "pairs to arrays with fromiter", 128, 128),
+    ("d025296", "messages (and generated batches) of 256, the --batch_size default now", 256, 256),
 ]
 
 
