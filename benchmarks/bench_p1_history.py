@@ -41,7 +41,8 @@ STEPS = [
     ("c68c608", "messages of 128 (--batch_size default 128)", 128, 128),
     ("c391129", "random next segments drawn for the whole batch", 128, 128),
     ("d025296", "pairs to arrays with fromiter", 128, 128),
-    ("d025296", "messages (and generated batches) of 256, the --batch_size default now", 256, 256),
+    ("d025296", "messages (and generated batches) of 256", 256, 256),
+    ("d025296", "messages (and generated batches) of 512, the --batch_size default now", 512, 512),
 ]
 
 

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an endpoint stands for this many trainer ranks on its host, as torchrun's ranks bind "
                         "them: tcp on consecutive ports (PORT, PORT+1, ...), ipc as PATH-0, PATH-1, ... "
                         "(default %(default)s)")
-    stream.add_argument("--batch_size", type=int, default=256,
+    stream.add_argument("--batch_size", type=int, default=512,
                         help="instances per message (default %(default)s); the trainer re-slices them into its own "
                         "micro-batches, so this only trades per-message overhead for latency")
     stream.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (default: never)")

@@ -395,7 +395,7 @@ def test_bad_flags_are_usage_errors_naming_flag_and_value(flags, message, capsys
 def test_defaults_and_endpoint_expansion():
     config = parse("--connect", "tcp://trainer:5555", "--connect", "ipc:///tmp/x", "--ranks_per_endpoint", "1")
     assert config.generation == GenerationConfig(128, 0.1, 0.15, 20, False)
-    assert (config.stream.batch_size, config.stream.hwm_batches, config.stream.linger_ms) == (256, 8, 2000)
+    assert (config.stream.batch_size, config.stream.hwm_batches, config.stream.linger_ms) == (512, 8, 2000)
     assert config.stream.epochs is None and config.pool.seed == 42 and config.pool.num_workers >= 1
     assert parse("--output_dir", "out").dump.epochs_to_generate == 3
     wide = parse("--connect", "tcp://trainer:5555", "--ranks_per_endpoint", "3")
