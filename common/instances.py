@@ -228,16 +228,27 @@ def mask_batch(ids: np.ndarray, lengths: np.ndarray, a_lens: np.ndarray, config:
     if not config.whole_word_mask:
         taken = (pos[:words] < budget[:, None]) & (sizes > 0)
     else:
-        left, taken, waiting, rows = budget, np.zeros(sizes.shape, dtype=bool), sizes > 0, np.arange(size)
+        # The rounds run on the rows with words still waiting: once most rows are done (after the first
+        # round or two), the few that go on are taken out, so a large batch's slowest row costs little.
+        taken = np.zeros(sizes.shape, dtype=bool)
+        rows, left, waiting, row_sizes = None, budget, sizes > 0, sizes  # rows: None = every row, in order
         while True:
-            live = waiting & (sizes <= left[:, None])
+            live = waiting & (row_sizes <= left[:, None])
             if not live.any():
                 break
-            take = live & (np.cumsum(sizes * live, axis=1) <= left[:, None])
-            taken |= take
-            left = left - (sizes * take).sum(axis=1)
+            take = live & (np.cumsum(row_sizes * live, axis=1) <= left[:, None])
+            if rows is None:
+                taken |= take
+            else:
+                taken[rows] |= take
+            left = left - (row_sizes * take).sum(axis=1)
             waiting = live ^ take
-            waiting[rows, waiting.argmax(axis=1)] = False  # the first that did not fit is skipped for good
+            waiting[np.arange(len(waiting)), waiting.argmax(axis=1)] = False  # the first misfit is skipped for good
+            going_on = waiting.any(axis=1)
+            if 4 * np.count_nonzero(going_on) < len(going_on):
+                keep = np.flatnonzero(going_on)
+                rows = keep if rows is None else rows[keep]
+                left, waiting, row_sizes = left[keep], waiting[keep], row_sizes[keep]
     chosen_word = np.zeros(size * words, dtype=bool)
     chosen_word[order[taken]] = True
     chosen = cand[chosen_word[cand_word]]  # flat positions to mask, ascending
