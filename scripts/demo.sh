@@ -5,12 +5,14 @@
 # from the Python standard library's documentation (one module a document, every tenth held out), streams
 # it from a producer process into a trainer process, and prints held-out MLM accuracy before and after.
 # Sequences of 64 tokens keep it to a few minutes on two cores.
-# Environment: DEMO_STEPS (default 150 optimizer steps of 16 sequences), DEMO_OUTPUT (default demo_output), PYTHON.
+# Environment: DEMO_STEPS (default 300 optimizer steps of 16 sequences), DEMO_LR (default 3e-4),
+# DEMO_OUTPUT (default demo_output), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 out=${DEMO_OUTPUT:-demo_output}
-steps=${DEMO_STEPS:-150}
+steps=${DEMO_STEPS:-300}
+lr=${DEMO_LR:-3e-4}
 start=$(date +%s)
 
 echo "== 1/4 virtual environment (.venv): CPU torch wheel and bertstream with its demo model"
@@ -33,7 +35,7 @@ producer=$!
 trap 'kill $producer 2>/dev/null || true' EXIT
 .venv/bin/bertstream-trainer --bind "tcp://127.0.0.1:$port" --bert_model "$model" --do_lower_case \
     --output_dir "$out/model" --no_resume --no_cuda --max_steps "$steps" --train_batch_size 16 \
-    --learning_rate 1e-4 --warmup_proportion 0.05 --logging_steps 10 --save_steps 100 \
+    --learning_rate "$lr" --warmup_proportion 0.05 --logging_steps 10 --save_steps 100 \
     --eval_corpus "$out/corpus/heldout.txt" --eval_steps 50 --eval_instances 256 --cache_dir "$out/cache"
 wait $producer || true
 trap - EXIT
