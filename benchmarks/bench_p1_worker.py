@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import support  # noqa: E402  (puts the repository and tests/ on sys.path)
 
 import seed_reference  # noqa: E402
+from common.allocator import keep_freed_memory  # noqa: E402
 from common.config import GenerationConfig  # noqa: E402
 from common.index import CorpusIndex  # noqa: E402
 from common.wire import Header, encode  # noqa: E402
@@ -120,6 +121,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     support.ensure_corpus(args.corpus, 40)
+    keep_freed_memory()  # as a producer process does (common/allocator.py)
     model = support.minilm_dir()
     vocab, index = support.build_index(args.corpus, model, args.cache_dir)
     if hasattr(os, "sched_setaffinity"):  # one core, as one worker process has

@@ -38,10 +38,12 @@ from producer.cli import build_parser  # noqa: E402
 
 def generate_for(seconds: float, corpus: str, cache_dir: str, batch_size: int) -> None:
     """Child mode: the worker's loop without a socket for `seconds` of wall time; prints instances/s."""
+    from common.allocator import keep_freed_memory
     from common.config import GenerationConfig
     from common.wire import Header, encode
     from producer.worker import iter_worker_batches
 
+    keep_freed_memory()  # as a producer process does (common/allocator.py)
     vocab, index = support.build_index(corpus, support.minilm_dir(), cache_dir)
     config = GenerationConfig()
     header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))

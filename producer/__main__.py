@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from common.allocator import keep_freed_memory
 from common.corpus import CorpusError
 from common.progress import log, setup_logging
 from common.vocab import ModelNotFoundError, resolve_model_dir
@@ -15,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.build_parser()
     config = cli.parse_config(parser, argv)  # a bad flag exits here with status 2
     setup_logging()
+    keep_freed_memory()  # before the workers fork: they inherit it (common/allocator.py says why)
     supervisor.raise_on_sigterm()
     try:
         log.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
