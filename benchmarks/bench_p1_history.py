@@ -7,7 +7,11 @@ before the change, batches after; messages of 32, then of 128) and encodes every
 documents of the 40 MB corpus, median of `--repeats` rounds (the variants alternate within a round). The
 seed's loop (P1's baseline) is measured in the same run. Needs the repository's git history.
 
-    .venv/bin/python benchmarks/bench_p1_history.py        # ~1 min
+glibc's allocator settings are process-wide, so they cannot take turns with the rest: `--keep_freed_memory`
+runs every step with them, as a producer process has run since common/allocator.py (compare two runs).
+
+    .venv/bin/python benchmarks/bench_p1_history.py                       # ~1 min
+    .venv/bin/python benchmarks/bench_p1_history.py --keep_freed_memory
 
 Prints a table, then one JSON line.
 """
@@ -43,6 +47,7 @@ STEPS = [
     ("d025296", "pairs to arrays with fromiter", 128, 128),
     ("d025296", "messages (and generated batches) of 256", 256, 256),
     ("d025296", "messages (and generated batches) of 512, the --batch_size default now", 512, 512),
+    ("7138dec", "whole-word rounds go on with the rows still waiting only", 512, 512),
 ]
 
 
@@ -87,7 +92,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache_dir", default=str(Path(tempfile.gettempdir()) / "bertstream-bench-cache"))
     parser.add_argument("--documents", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep_freed_memory", action="store_true",
+                        help="glibc's thresholds as a producer sets them (common/allocator.py)")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        from common.allocator import keep_freed_memory
+
+        keep_freed_memory()
 
     support.ensure_corpus(args.corpus, 40)
     vocab, index = support.build_index(args.corpus, support.minilm_dir(), args.cache_dir)
@@ -121,8 +132,8 @@ def main(argv=None) -> dict:
         rows.append((commit, what, f"{rate:.0f}", f"{rate / seed:.2f}x", gain))
         previous = rate
     print(f"P1 step by step: one worker, whole-word masking, {subset.num_documents} documents, per CPU-second, "
-          f"median of {args.repeats}")
-    result = {"baseline": round(seed, 1), "steps": [{"commit": c, "what": w, "instances_per_s": round(
+          f"median of {args.repeats}, glibc thresholds {'kept' if args.keep_freed_memory else 'default'}")
+    result = {"baseline": round(seed, 1), "keep_freed_memory": args.keep_freed_memory, "steps": [{"commit": c, "what": w, "instances_per_s": round(
         support.median(rates[i]), 1)} for i, (c, w, _, _) in enumerate(STEPS)]}
     support.report("P1-history", rows, ("commit", "change", "instances/s", "vs seed", "gain"), result)
     return result
