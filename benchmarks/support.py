@@ -162,6 +162,17 @@ def build_index(corpus: str, model: Path, cache_dir: str, num_procs: int = 0):
     return vocab, index
 
 
+def first_documents(index, n: int):
+    """The first `n` documents of a CorpusIndex as an index of their own (views of the memory map, no copy)."""
+    from common.index import CorpusIndex
+
+    n = min(n, index.num_documents)
+    last_sentence = int(index.document_offsets[n])
+    last_token = int(index.sentence_offsets[last_sentence])
+    return CorpusIndex(index.tokens[:last_token], index.sentence_offsets[: last_sentence + 1],
+                       index.document_offsets[: n + 1])
+
+
 # --- the machine and the report ---------------------------------------------------------------------------
 
 
