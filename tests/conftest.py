@@ -85,6 +85,27 @@ def write_corpus(path: Path, num_documents: int = 40, sentences_per_document: in
     return path
 
 
+def source_documents(batch, vocab) -> list[int]:
+    """The document each instance's segment A comes from, read from its unmasked tokens (a `write_corpus`
+    corpus: every sentence starts "document d", and d may be split into `##` digit pieces)."""
+    import numpy as np
+
+    sources = []
+    for row in range(batch.size):
+        ids = batch.input_ids[row, : batch.lengths[row]].astype(np.int64)
+        used = batch.masked_labels[row] != -100
+        ids[batch.masked_positions[row][used]] = batch.masked_labels[row][used]  # undo the masking
+        tokens = [vocab.tokens[i] for i in ids]
+        assert tokens[1] == "document" and tokens[2].isdigit(), f"cannot tell the source of {tokens[:8]}"
+        digits = tokens[2]
+        for piece in tokens[3:]:
+            if not (piece.startswith("##") and piece[2:].isdigit()):
+                break
+            digits += piece[2:]
+        sources.append(int(digits))
+    return sources
+
+
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.txt")

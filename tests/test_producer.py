@@ -22,7 +22,7 @@ from common.config import CorpusConfig, GenerationConfig
 from common.index import build_or_load_index
 from common.vocab import Vocabulary, load_tokenizer
 from common.wire import Message, decode
-from conftest import REPO, write_corpus, write_tiny_model
+from conftest import REPO, source_documents, write_corpus, write_tiny_model
 from producer import cli
 from producer.supervisor import describe_exit
 from producer.worker import WorkerJob, iter_worker_batches, worker_main
@@ -125,24 +125,6 @@ def expected_batches(model: Path, corpus: Path, tmp_path: Path, generation: Gene
 def assert_same_batch(got, want) -> None:
     for name in got.FIELDS:
         np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-
-
-def source_documents(batch, vocab: Vocabulary) -> list[int]:
-    """The document each instance's segment A comes from, read from its unmasked tokens."""
-    sources = []
-    for row in range(batch.size):
-        ids = batch.input_ids[row, : batch.lengths[row]].astype(np.int64)
-        used = batch.masked_labels[row] != -100
-        ids[batch.masked_positions[row][used]] = batch.masked_labels[row][used]  # undo the masking
-        tokens = [vocab.tokens[i] for i in ids]
-        assert tokens[1] == "document" and tokens[2].isdigit(), f"cannot tell the source of {tokens[:8]}"
-        digits = tokens[2]
-        for piece in tokens[3:]:
-            if not (piece.startswith("##") and piece[2:].isdigit()):
-                break
-            digits += piece[2:]
-        sources.append(int(digits))
-    return sources
 
 
 # --- the stream -------------------------------------------------------------------------------------------

@@ -22,30 +22,13 @@ from common.index import build_or_load_index
 from common.instances import worker_documents
 from common.vocab import Vocabulary, load_tokenizer
 from common.wire import decode
-from conftest import write_corpus
+from conftest import source_documents, write_corpus
 from producer.cli import StreamConfig
 from producer.early import EarlyStream
 from producer.worker import iter_worker_batches
 
 TIMEOUT_S = 60  # a guard against hangs, never a speed assertion
 NUM_DOCUMENTS = 120
-
-
-def documents_of(batch, vocab: Vocabulary) -> list[int]:
-    """The document each instance's segment A comes from, read from its unmasked tokens."""
-    sources = []
-    for row in range(batch.size):
-        ids = batch.input_ids[row, : batch.lengths[row]].astype(np.int64)
-        used = batch.masked_labels[row] != -100
-        ids[batch.masked_positions[row][used]] = batch.masked_labels[row][used]
-        tokens = [vocab.tokens[i] for i in ids]
-        digits = tokens[2]
-        for piece in tokens[3:]:
-            if not (piece.startswith("##") and piece[2:].isdigit()):
-                break
-            digits += piece[2:]
-        sources.append(int(digits))
-    return sources
 
 
 class Receiver:
@@ -118,7 +101,7 @@ def test_early_stream_and_workers_source_every_document_of_epoch_0_exactly_once(
     assert messages and {(m.header.epoch, m.header.worker) for m in messages} == {(0, 2)}
     assert [m.header.sequence for m in messages] == list(range(len(messages)))
     assert all(m.header.epoch_instances > 0 for m in messages)
-    early_documents = [d for m in messages for d in documents_of(m.batch, vocab)]
+    early_documents = [d for m in messages for d in source_documents(m.batch, vocab)]
     assert early_documents == sorted(early_documents)
     assert set(early_documents) == set(range(sent))
     assert len(early_documents) == early.instances_sent
@@ -130,7 +113,7 @@ def test_early_stream_and_workers_source_every_document_of_epoch_0_exactly_once(
         by_epoch = {0: set(), 1: set()}
         for epoch, batch in iter_worker_batches(index, generation, vocab, 3, worker, 2, 4, epochs=2,
                                                 early_documents=sent):
-            by_epoch[epoch].update(documents_of(batch, vocab))
+            by_epoch[epoch].update(source_documents(batch, vocab))
         assert by_epoch[0] == set(shares[worker].tolist())
         assert by_epoch[1] == set(worker_documents(NUM_DOCUMENTS, 3, 1, worker, 2).tolist())
 
