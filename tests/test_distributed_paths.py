@@ -128,7 +128,7 @@ def test_a_rank_that_joins_the_rendezvous_but_never_connects_is_waited_for_in_bo
     joiner = subprocess.Popen(
         [sys.executable, "-c", "import sys, time, datetime, torch.distributed as d\n"
          "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), 2, False, timeout=datetime.timedelta(seconds=60))\n"
-         "if sys.argv[2] == 'yes': s.set('bertstream/route/1', '127.0.0.1')\n"
+         "if sys.argv[2] == 'yes': s.set('bertstream/route/0/1', '127.0.0.1')\n"
          "time.sleep(120)", str(port), "yes" if publishes else "no"], cwd=REPO, env=environment())
     try:
         code = trainer.wait(timeout=RUN_TIMEOUT_S)  # a guard against the hang, not a speed assertion

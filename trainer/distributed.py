@@ -234,8 +234,9 @@ def start(config: DistributedConfig, device: torch.device, data_timeout_s: float
     network = choose_network(config, store)
     if network.interface is not None:
         # gloo reads GLOO_SOCKET_IFNAME when it creates a group (torch's Python API takes no device for
-        # new_group): set here, it applies to this process's gloo groups, and the user's own value wins.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", network.interface)
+        # new_group): set here, it applies to this process's gloo groups. The user's own value was chosen
+        # unless --dist_interface overrides it.
+        os.environ["GLOO_SOCKET_IFNAME"] = network.interface
     where = network.describe()
     try:
         # NCCL connects lazily, at its first collective, through its own interface choice (NCCL_SOCKET_IFNAME).
@@ -288,12 +289,14 @@ def choose_network(config: DistributedConfig, store) -> Network:
         return Network(name, interface_address(name) or "?", "GLOO_SOCKET_IFNAME")
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
     address, toward = route_to(master), f"the route to MASTER_ADDR {master}"
-    store.set(f"bertstream/route/{config.rank}", address)
+    # Keyed by torchrun's restart count too: the agent's store outlives a restart, and its keys with it.
+    key = f"bertstream/route/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{key}{config.rank}", address)
     if ipaddress.ip_address(address).is_loopback and config.local_world_size < config.world_size:
         # The first rank of the next node (torchrun numbers a node's ranks consecutively).
         peer = (config.rank // config.local_world_size + 1) * config.local_world_size % config.world_size
         try:
-            theirs = store.get(f"bertstream/route/{peer}").decode()
+            theirs = store.get(f"{key}{peer}").decode()
         except RuntimeError as exc:
             raise TrainerError(f"rank {config.rank}: rank {peer} never published its address in the rendezvous "
                                f"store within --dist_connect_timeout {config.connect_timeout_s:g} s "
