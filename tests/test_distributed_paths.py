@@ -7,6 +7,7 @@ torchrun's environment by hand where the other rank must be missing.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,9 @@ def test_an_untied_model_trains_under_ddp(tiny_model_dir, corpus, tmp_path):
     assert code == 0, log[-4000:]
     assert "Expected to have finished reduction" not in log
     assert "cls.predictions.bias, unused, is frozen (kept as loaded)" in log
+    # Each rank says which interface its gloo groups chose, and why (one host: the route to MASTER_ADDR).
+    assert len(re.findall(r"rank\d INFO rank \d of 2 .* gloo over \S+ \(\S+, the route to MASTER_ADDR \S+\)$", log,
+                          re.MULTILINE)) == 2, log[-4000:]
     finished = finished_lines(log)
     assert finished[0] == finished[1] and finished[0][:2] == (4, 4)
     assert [r["step"] for r in train_records(out)] == [1, 2, 3, 4]

@@ -3,9 +3,9 @@
 Layout under `--output_dir`:
 
     checkpoints/step_00001000/   config.json, model.safetensors (save_pretrained), the tokenizer files,
-                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states (with
-                                 several ranks, every rank's torch generators too), source position,
-                                 the run's config)
+                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states (CPU,
+                                 the training GPU's, Python's, numpy's; with several ranks, every rank's
+                                 torch generators too), source position, the run's config)
     checkpoints/step_00001000.tmp-<pid>/   a checkpoint being written; renamed when complete
     config.json, model.safetensors, tokenizer files   the final model, moved in when the run ends
 
