@@ -3,9 +3,9 @@
 Layout under `--output_dir`:
 
     checkpoints/step_00001000/   config.json, model.safetensors (save_pretrained), the tokenizer files,
-                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states (with
-                                 several ranks, every rank's torch generators too), source position,
-                                 the run's config)
+                                 training_state.pt (optimizer, scheduler, scaler, step, RNG states (CPU,
+                                 the training GPU's, Python's, numpy's; with several ranks, every rank's
+                                 torch generators too), source position, the run's config)
     checkpoints/step_00001000.tmp-<pid>/   a checkpoint being written; renamed when complete
     config.json, model.safetensors, tokenizer files   the final model, moved in when the run ends
 
@@ -37,36 +37,78 @@ class CheckpointError(TrainerError):
     """A checkpoint could not be written or read; the message names the path."""
 
 
-def rng_state() -> dict:
-    """Every random generator training touches, as tensors and plain values (weights_only-loadable)."""
+def rng_state(device: torch.device) -> dict:
+    """Every random generator this process draws from, as tensors and plain values (weights_only-loadable).
+
+    Of the GPUs only `device`'s generator: the one training draws from (dropout). Saving every visible GPU's,
+    as `torch.cuda.get_rng_state_all` does, ties the checkpoint to this machine's GPU count, and a resume
+    that sees fewer GPUs (CUDA_VISIBLE_DEVICES narrowed, another node) could not replay them.
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": _device_rng_state(device),
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
     }
 
 
-def restore_rng_state(state: dict) -> None:
+def _device_rng_state(device: torch.device) -> torch.Tensor:
+    """`device`'s CUDA generator state; an empty tensor on the CPU (the CPU generator is saved as "torch")."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0, dtype=torch.uint8)
+
+
+def restore_rng_state(state: dict, device: torch.device) -> list[str]:
+    """Put back the generators of `rng_state`; returns what could not be carried over, for the resume's log line.
+
+    `state["cuda"]` is the training device's state (a tensor, empty when the checkpoint was written on the
+    CPU), or, in checkpoints written before that, one state per GPU then visible (a list).
+    """
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    saved = state["cuda"]
+    if isinstance(saved, torch.Tensor):
+        return _restore_device_rng(saved, device)
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    restore, skipped = cuda_states_to_restore(len(saved), visible)
+    for index in restore:
+        torch.cuda.set_rng_state(saved[index], index)
+    if skipped:
+        return [f"the random states of GPU(s) {', '.join(map(str, skipped))} of the {len(saved)} the checkpoint "
+                f"holds (this machine sees {visible}); those GPUs' generators keep this run's seed"]
+    return []
 
 
-def restore_torch_rng_state(state: dict, device: torch.device) -> None:
-    """One rank's torch generators (CPU, and its GPU's), as `trainer.distributed` gathers them for a checkpoint.
+def cuda_states_to_restore(saved: int, visible: int) -> tuple[list[int], list[int]]:
+    """Of `saved` per-GPU random states (indices 0..saved-1), those this machine's `visible` GPUs can take, and
+    the rest: the devices both runs have get theirs back, the others are skipped."""
+    both = min(saved, visible)
+    return list(range(both)), list(range(both, saved))
+
+
+def _restore_device_rng(saved: torch.Tensor, device: torch.device) -> list[str]:
+    if saved.numel() and device.type == "cuda":
+        torch.cuda.set_rng_state(saved, device)
+        return []
+    if saved.numel():  # written on a GPU, resumed on the CPU
+        return ["the GPU's random state (this run trains on the CPU)"]
+    if device.type == "cuda":  # written on the CPU, resumed on a GPU
+        return [f"a random state for {device} (the checkpoint was written on the CPU); it keeps this run's seed"]
+    return []
+
+
+def restore_torch_rng_state(state: dict, device: torch.device) -> list[str]:
+    """One rank's torch generators (CPU, and its GPU's), as `trainer.distributed` gathers them for a checkpoint;
+    returns what could not be carried over.
 
     With several ranks the checkpoint holds rank 0's full state (`rng`) and every rank's torch generators
     (`rank_rng`): the only ones training draws from (dropout), so each rank's stream resumes where it was.
     """
     torch.set_rng_state(state["torch"])
-    if state["cuda"].numel() and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    return _restore_device_rng(state["cuda"], device)
 
 
 class Checkpoints:

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 from dataclasses import asdict, dataclass
@@ -160,8 +161,17 @@ class DistributedConfig:
     rank: int = 0  # this process among all training processes, 0 .. world_size-1
     world_size: int = 1  # training processes in all, on every node
     local_world_size: int = 1  # training processes on this node (they bind consecutive ports)
+    interface: str | None = None  # network interface of the gloo groups; None: the one routing to the others
+    connect_timeout_s: float = 300.0  # start-up's bound: reaching the rendezvous and every other rank
 
     def __post_init__(self) -> None:
+        if self.connect_timeout_s <= 0:
+            raise ValueError(f"--dist_connect_timeout must be > 0 seconds, got {self.connect_timeout_s}")
+        if self.interface is not None:
+            names = [name for _, name in socket.if_nameindex()]
+            if self.interface not in names:
+                raise ValueError(f"--dist_interface {self.interface}: no such network interface on this host (it "
+                                 f"has {', '.join(names)}); name the one the nodes reach each other on")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise ValueError(f"RANK={self.rank} WORLD_SIZE={self.world_size}: expected 0 <= RANK < WORLD_SIZE")
         if not 1 <= self.local_world_size <= self.world_size:
@@ -201,7 +211,8 @@ class DistributedConfig:
         return f"{match[1]}{port}"
 
     @classmethod
-    def from_env(cls, local_rank: int) -> "DistributedConfig":
+    def from_env(cls, local_rank: int, interface: str | None = None,
+                 connect_timeout_s: float = 300.0) -> "DistributedConfig":
         """torchrun's environment, plus the seed's --local_rank (which must agree with LOCAL_RANK if both are set)."""
         def env_int(name: str, default: int) -> int:
             value = os.environ.get(name)
@@ -218,7 +229,8 @@ class DistributedConfig:
                              "agree (under torchrun, leave --local_rank out)")
         world_size = env_int("WORLD_SIZE", 1)
         return cls(local_rank=local_rank if local_rank != -1 else env_local, rank=env_int("RANK", 0),
-                   world_size=world_size, local_world_size=env_int("LOCAL_WORLD_SIZE", world_size))
+                   world_size=world_size, local_world_size=env_int("LOCAL_WORLD_SIZE", world_size),
+                   interface=interface, connect_timeout_s=connect_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -312,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no_resume", action="store_true",
                      help="start afresh: delete the checkpoints and metrics of an earlier run in --output_dir")
 
+    ranks = p.add_argument_group("several processes (torchrun)")
+    ranks.add_argument("--dist_interface", type=str, default=None, metavar="NAME",
+                       help="network interface the ranks' gloo groups use (as GLOO_SOCKET_IFNAME); default: the "
+                       "one that routes to the other nodes")
+    ranks.add_argument("--dist_connect_timeout", type=float, default=300.0,
+                       help="seconds a rank may take to reach the rendezvous and every other rank before it "
+                       "stops, naming the address it tried")
+
     ev = p.add_argument_group("held-out evaluation")
     ev.add_argument("--eval_corpus", type=str, default=None,
                     help="held-out text (corpus format): MLM loss/accuracy and NSP accuracy at start, every --eval_steps, end")
@@ -331,7 +351,7 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     try:
         from common.vocab import default_cache_dir
 
-        distributed = DistributedConfig.from_env(args.local_rank)
+        distributed = DistributedConfig.from_env(args.local_rank, args.dist_interface, args.dist_connect_timeout)
         if args.pregenerated_data is None:
             distributed.endpoint(args.bind or DEFAULT_BIND)  # a --bind the node's processes cannot share fails here
         return TrainerConfig(

@@ -23,6 +23,11 @@ import contextlib
 import datetime
 import hashlib
 import inspect
+import ipaddress
+import os
+import socket
+import struct
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -48,9 +53,9 @@ class PretrainingLoss(torch.nn.Module):
     """The model with `pretraining_loss` as its forward pass.
 
     DDP arms its gradient hooks in its own forward, so the whole masked-positions loss must run inside it:
-    calling the model's submodules directly, as `pretraining_loss` does, would bypass them. Every parameter
-    takes part (the pooler feeds the NSP head, the MLM decoder is tied to the word embeddings), so DDP needs
-    no search for unused parameters.
+    calling the model's submodules directly, as `pretraining_loss` does, would bypass them. Every trainable
+    parameter takes part (the pooler feeds the NSP head; see `freeze_unused_mlm_bias` for the one that may
+    not), so DDP needs no search for unused parameters.
     """
 
     def __init__(self, model):
@@ -59,6 +64,31 @@ class PretrainingLoss(torch.nn.Module):
 
     def forward(self, batch: TensorBatch) -> PretrainingOutput:
         return pretraining_loss(self.model, batch)
+
+
+def freeze_unused_mlm_bias(model, rank: int = 0) -> bool:
+    """With untied word embeddings, take `cls.predictions.bias` out of training: the forward pass never uses it.
+
+    BERT's MLM head adds an output bias, `cls.predictions.bias`. transformers 5 ties the decoder's own bias
+    (`cls.predictions.decoder.bias`, the one its forward pass adds) to it only together with the word
+    embeddings, when the config's `tie_word_embeddings` is true. A checkpoint with `tie_word_embeddings: false`
+    therefore has two biases, and the stock forward pass and the masked-positions one alike use only the
+    decoder's. The other gets no gradient, and DDP, which expects a gradient for every parameter that requires
+    one, fails at the second step ("Expected to have finished reduction in the prior iteration").
+
+    Freezing it says so and costs nothing: its values are kept (and saved) as loaded, and AdamW never stepped
+    it anyway (no gradient). `find_unused_parameters=True` would also work, but DDP then walks the autograd
+    graph from the loss after every forward pass to find parameters outside it, on every step, for the sake
+    of one vector. Returns whether it froze the bias.
+    """
+    head = model.cls.predictions
+    if head.decoder.bias is head.bias or not head.bias.requires_grad:
+        return False
+    head.bias.requires_grad_(False)
+    if rank == 0:
+        log.info("the model's word embeddings are untied (tie_word_embeddings false): its MLM head adds "
+                 "cls.predictions.decoder.bias, so cls.predictions.bias, unused, is frozen (kept as loaded)")
+    return True
 
 
 class Ranks:
@@ -133,6 +163,7 @@ class Ranks:
         loss = PretrainingLoss(model)
         if not self.distributed:
             return loss
+        freeze_unused_mlm_bias(model, self.rank)
         device = next(model.parameters()).device
         # No buffer broadcast in every forward: BERT's buffers (position and token type ids) are constants,
         # and it would be a collective outside the vote's protection. torch 2.13 renamed the flag.
@@ -181,19 +212,137 @@ class Ranks:
 def start(config: DistributedConfig, device: torch.device, data_timeout_s: float) -> Ranks:
     """The process group from torchrun's environment (NCCL on GPUs, gloo on CPUs) and the control group.
 
-    The control group's timeout bounds how long a vote may wait for a rank that waits for data: as long as
-    --data_timeout lets it, plus room for rank 0's evaluations and checkpoints; with --data_timeout 0 (wait
-    for producers forever) practically forever, as a single process would.
+    Start-up is bounded by --dist_connect_timeout: reaching the rendezvous (MASTER_ADDR:MASTER_PORT), then
+    the gloo groups' connections to every other rank. A rank that cannot get through in that time ends with
+    a message naming the address it tried, instead of waiting as long as the groups' running timeouts allow.
+    Those are set once every rank is connected: the control group's bounds how long a vote may wait for a
+    rank that waits for data, as long as --data_timeout lets it plus room for rank 0's evaluations and
+    checkpoints; with --data_timeout 0 (wait for producers forever) practically forever, as a single process.
     """
     if config.world_size == 1:
         return Ranks(config)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
+    connect = datetime.timedelta(seconds=config.connect_timeout_s)
+    master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    try:
+        store, _, _ = next(dist.rendezvous("env://", config.rank, config.world_size, timeout=connect))
+    except (RuntimeError, ValueError) as exc:  # DistStoreError, DistNetworkError: RuntimeErrors
+        raise TrainerError(f"rank {config.rank}: no rendezvous with the other ranks at {master} (MASTER_ADDR:"
+                           f"MASTER_PORT) within --dist_connect_timeout {config.connect_timeout_s:g} s "
+                           f"({_first_line(exc)}): is every node's torchrun started, with the same "
+                           "--rdzv_endpoint, and is that address reachable from this node?") from exc
+    network = choose_network(config, store)
+    if network.interface is not None:
+        # gloo reads GLOO_SOCKET_IFNAME when it creates a group (torch's Python API takes no device for
+        # new_group): set here, it applies to this process's gloo groups. The user's own value was chosen
+        # unless --dist_interface overrides it.
+        os.environ["GLOO_SOCKET_IFNAME"] = network.interface
+    where = network.describe()
+    try:
+        # NCCL connects lazily, at its first collective, through its own interface choice (NCCL_SOCKET_IFNAME).
+        dist.init_process_group(backend=backend, store=store, rank=config.rank, world_size=config.world_size,
+                                **({"timeout": connect} if backend == "gloo" else {}))
+        control = dist.new_group(backend="gloo", timeout=connect)
+        dist.barrier(group=control)  # every rank connected to every other, within the bound
+    except RuntimeError as exc:  # gloo: "Connection refused", "Timed out", "Unable to find address for"
+        raise TrainerError(f"rank {config.rank} could not connect to the other ranks within --dist_connect_timeout "
+                           f"{config.connect_timeout_s:g} s over {where} ({_first_line(exc)}): give every node "
+                           "--dist_interface (or GLOO_SOCKET_IFNAME) naming the network interface the nodes "
+                           "reach each other on (`ip -brief address` lists them)") from exc
+    # torch's own setter of a group's timeout (private in 2.13, kept since 2.3): the running timeouts.
+    if backend == "gloo":
+        dist.distributed_c10d._set_pg_timeout(dist.default_pg_timeout, None)
     timeout = datetime.timedelta(seconds=data_timeout_s) + CONTROL_MARGIN if data_timeout_s else FOREVER
-    control = dist.new_group(backend="gloo", timeout=timeout)
-    log.info("rank %d of %d (local rank %d): %s process group on %s", config.rank, config.world_size,
-             config.local_rank, backend, device)
+    dist.distributed_c10d._set_pg_timeout(timeout, control)
+    log.info("rank %d of %d (local rank %d): %s process group on %s; gloo over %s", config.rank, config.world_size,
+             config.local_rank, backend, device, where)
     return Ranks(config, control)
+
+
+@dataclass(frozen=True)
+class Network:
+    """The interface the gloo groups use, and why: what start-up's messages name."""
+
+    interface: str | None  # for GLOO_SOCKET_IFNAME; None: gloo's own choice (the host name's address)
+    address: str  # that interface's address, as far as known
+    reason: str  # how it was chosen
+
+    def describe(self) -> str:
+        name = self.interface or "the host name's address"
+        return f"{name} ({self.address}, {self.reason})"
+
+
+def choose_network(config: DistributedConfig, store) -> Network:
+    """The network interface this rank's gloo groups bind: --dist_interface, else GLOO_SOCKET_IFNAME, else the
+    one that routes to the other ranks.
+
+    gloo's own default is the address the host name resolves to, which default Debian and Ubuntu installs map
+    to 127.0.1.1: the other nodes cannot reach it, and gloo waits for them until its timeout. The route to
+    MASTER_ADDR (where this rank just reached the rendezvous) is the interface the others can reach, except on
+    rank 0's node, where MASTER_ADDR is the node itself (torchrun's c10d rendezvous publishes that node's host
+    name): there the route to another node's address (published by its ranks in the rendezvous store) is used.
+    """
+    if config.interface:
+        return Network(config.interface, interface_address(config.interface) or "?", "--dist_interface")
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        name = os.environ["GLOO_SOCKET_IFNAME"]
+        return Network(name, interface_address(name) or "?", "GLOO_SOCKET_IFNAME")
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    address, toward = route_to(master), f"the route to MASTER_ADDR {master}"
+    # Keyed by torchrun's restart count too: the agent's store outlives a restart, and its keys with it.
+    key = f"bertstream/route/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    store.set(f"{key}{config.rank}", address)
+    if ipaddress.ip_address(address).is_loopback and config.local_world_size < config.world_size:
+        # The first rank of the next node (torchrun numbers a node's ranks consecutively).
+        peer = (config.rank // config.local_world_size + 1) * config.local_world_size % config.world_size
+        try:
+            theirs = store.get(f"{key}{peer}").decode()
+        except RuntimeError as exc:
+            raise TrainerError(f"rank {config.rank}: rank {peer} never published its address in the rendezvous "
+                               f"store within --dist_connect_timeout {config.connect_timeout_s:g} s "
+                               f"({_first_line(exc)})") from exc
+        address, toward = route_to(theirs), f"the route to rank {peer}'s address {theirs}"
+    interface = interface_of(address)
+    if interface is None:
+        log.warning("rank %d: no network interface has %s (%s); gloo picks its own (set --dist_interface if the "
+                    "ranks cannot connect)", config.rank, address, toward)
+    return Network(interface, address, toward)
+
+
+def route_to(host: str) -> str:
+    """This host's address on the route to `host` (a UDP socket's connect sends nothing; it only routes)."""
+    family, _, _, _, target = socket.getaddrinfo(host, 9, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(target)
+        return probe.getsockname()[0]
+
+
+def interface_of(address: str) -> str | None:
+    """The network interface that has `address` (IPv4, Linux), None if none is found; any 127/8 address is
+    the loopback interface's."""
+    loopback = ipaddress.ip_address(address).is_loopback
+    for _, name in socket.if_nameindex():
+        mine = interface_address(name)
+        if mine == address or (loopback and mine and ipaddress.ip_address(mine).is_loopback):
+            return name
+    return None
+
+
+def interface_address(name: str) -> str | None:
+    """`name`'s IPv4 address (SIOCGIFADDR, Linux), None without one."""
+    import fcntl
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def parameter_checksum(model) -> str:

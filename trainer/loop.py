@@ -78,8 +78,31 @@ def resolve_runtime(config: DeviceConfig, distributed: DistributedConfig) -> Run
     if config.fp16:
         return Runtime(device, "fp16", torch.float16, config.loss_scale or None)
     if config.bf16:
+        log_bf16_support(device)
         return Runtime(device, "bf16", torch.bfloat16, None)
     return Runtime(device, "fp32", None, None)
+
+
+def log_bf16_support(device: torch.device) -> None:
+    """Say whether `device` computes bfloat16 natively: GPUs before Ampere (V100, T4) run it emulated, slowly."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        # including_emulation=False: compute capability 8.0 or more; True would also accept a GPU that merely
+        # stores bfloat16 tensors and emulates the arithmetic.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            log.info("--bf16: %s (compute capability %d.%d) computes bfloat16 natively", name, major, minor)
+        else:
+            log.warning("--bf16: %s (compute capability %d.%d) has no native bfloat16 (it needs 8.0, Ampere or "
+                        "newer): bfloat16 runs emulated and slower than fp32; use --fp16 on this GPU", name, major,
+                        minor)
+        return
+    # CPU autocast runs matrix products (linear, bmm) in bfloat16 through oneDNN: native with AVX512-BF16 or
+    # AMX, converted to float32 and back otherwise (often no faster than fp32).
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    log.info("--bf16 on the CPU: autocast runs matrix products in bfloat16, %s",
+             "natively (this CPU has AVX512-BF16 or AMX)" if native else
+             "emulated (this CPU has neither AVX512-BF16 nor AMX: expect no speed-up over fp32)")
 
 
 def seed_everything(seed: int) -> None:
@@ -124,10 +147,13 @@ def plan_steps(train: TrainConfig, source) -> int:
     return steps
 
 
-def build_optimizer(model, train: TrainConfig, total_steps: int, device: torch.device):
-    """AdamW (fused on CUDA: with a GradScaler its step needs no sync) and linear warmup then linear decay."""
+def build_optimizer(model, train: TrainConfig, total_steps: int, device: torch.device, fused: bool | None = None):
+    """AdamW (fused on CUDA unless `fused` says otherwise: with a GradScaler its step needs no sync) and linear
+    warmup then linear decay."""
+    if fused is None:
+        fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.learning_rate,
-                                  fused=True if device.type == "cuda" else None)
+                                  fused=fused or None)
     warmup = int(train.warmup_proportion * total_steps)
 
     def linear_warmup_then_decay(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
@@ -200,12 +226,7 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
         if state is not None:
             if ranks.is_main:
                 _warn_on_changed_config(state, config, total_steps)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            restore_rng_state(state["rng"])  # rank 0's; then each rank's own torch generators
-            if "rank_rng" in state:
-                restore_torch_rng_state(state["rank_rng"][ranks.rank], runtime.device)
+            restore_training_state(state, optimizer, scheduler, scaler, runtime, ranks)
             source.load_state_dict(state["source"])
             start_step = int(state["step"])
 
@@ -229,7 +250,7 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
             if ranks.is_main:
                 state = {"format": STATE_FORMAT, "step": step, "total_steps": total_steps,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": rng_state(), "source": source_state,
+                         "scaler": scaler.state_dict(), "rng": rng_state(runtime.device), "source": source_state,
                          "config": config.to_dict()}
                 if rank_rng is not None:
                     state["rank_rng"] = rank_rng
@@ -283,6 +304,47 @@ def check_world_size(state: dict, folder: Path, world_size: int) -> None:
         raise TrainerError(f"checkpoint {folder} was written by {before} rank(s); this run has {world_size}: resume "
                            f"with {before} process(es) in all (torchrun --nnodes x --nproc_per_node; a plain "
                            "bertstream-trainer is 1) or start afresh with --no_resume")
+
+
+def restore_training_state(state: dict, optimizer, scheduler, scaler: torch.amp.GradScaler, runtime: Runtime,
+                           ranks: Ranks) -> None:
+    """The optimizer, schedule, loss scale and random states of a checkpoint, carried over to this run's setup.
+
+    A resume may change precision, device or GPU count: what cannot be carried over is started fresh and said
+    in one line. The optimizer's state (moments, steps, learning rates) comes back, but its implementation
+    (fused, foreach, capturable) is this run's: the checkpoint's would leave an optimizer built fused for
+    CUDA unfused after loading, and GradScaler then hands the unfused step its inf check (an AssertionError).
+    """
+    load_optimizer_state(optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    lost = []
+    saved_scale = state["scaler"].get("scale")  # {} from a GradScaler that was disabled (fp32, bf16, CPU)
+    if runtime.use_scaler and saved_scale is None:
+        lost.append(f"a loss scale (the checkpoint was written without fp16's GradScaler): starting at "
+                    f"{scaler.get_scale():g}")
+    elif runtime.use_scaler:
+        scaler.load_state_dict(state["scaler"])
+    elif saved_scale is not None:
+        lost.append(f"the loss scale {saved_scale:g} (this run trains in {runtime.precision}, without a GradScaler)")
+    lost += restore_rng_state(state["rng"], runtime.device)  # rank 0's; then each rank's own torch generators
+    if "rank_rng" in state:
+        lost += restore_torch_rng_state(state["rank_rng"][ranks.rank], runtime.device)
+    if lost:
+        log.warning("resume: not carried over from the checkpoint: %s", "; ".join(dict.fromkeys(lost)))
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """`optimizer.load_state_dict`, keeping this optimizer's implementation choices.
+
+    torch copies every key of the saved parameter groups, `fused` and `foreach` included, and decides from
+    the saved groups where each parameter's `step` counter lives (on the parameter's device for fused or
+    capturable, on the CPU otherwise): so the saved groups get this run's choices before loading.
+    """
+    keys = ("fused", "foreach", "capturable")
+    if len(saved["param_groups"]) == len(optimizer.param_groups):  # else torch's own error names the mismatch
+        saved = {**saved, "param_groups": [{**group, **{k: now[k] for k in keys if k in now}}
+                                           for group, now in zip(saved["param_groups"], optimizer.param_groups)]}
+    optimizer.load_state_dict(saved)
 
 
 def start_source(source, ranks: Ranks, resume_from: Path | None) -> None:
