@@ -22,6 +22,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 4096 x 512 batch is ~9 MB; anything fa
 MAX_BATCH = 65536
 MAX_SEQ_LEN = 8192
 MAX_VOCAB = 1 << 24
+MAX_BLEND = 64  # corpora of a blend (the header lists one count per corpus)
 
 # The dtypes each array may arrive in (the smallest that hold it, chosen by the vocabulary size).
 _DTYPES = {
@@ -50,6 +51,9 @@ class Header:
     sequence: int  # per-worker message counter, from 0
     epoch_instances: int  # instances in a full epoch of this stream (what the trainer's step count is based on)
     fingerprint: Fingerprint
+    # Instances of this message from each corpus of a blend (--corpus_weights), in --train_corpus order; None
+    # (absent on the wire) without a blend. Optional, so a producer without blends sends the same bytes as before.
+    blend: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,19 +69,19 @@ def encode(header: Header, batch: Batch) -> bytes:
         array = getattr(batch, name)
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         arrays[name] = [little.dtype.str, list(little.shape), little.tobytes()]
-    return msgpack.packb(
-        {
-            "v": PROTOCOL_VERSION,
-            "producer": header.producer_id,
-            "worker": header.worker,
-            "epoch": header.epoch,
-            "seq": header.sequence,
-            "epoch_instances": header.epoch_instances,
-            "fingerprint": asdict(header.fingerprint),
-            "arrays": arrays,
-        },
-        use_bin_type=True,
-    )
+    message = {
+        "v": PROTOCOL_VERSION,
+        "producer": header.producer_id,
+        "worker": header.worker,
+        "epoch": header.epoch,
+        "seq": header.sequence,
+        "epoch_instances": header.epoch_instances,
+        "fingerprint": asdict(header.fingerprint),
+        "arrays": arrays,
+    }
+    if header.blend is not None:
+        message["blend"] = list(header.blend)
+    return msgpack.packb(message, use_bin_type=True)
 
 
 def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -97,6 +101,7 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
     if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 compare equal to 1
         raise WireError("v", f"protocol version {version!r}; this build speaks {PROTOCOL_VERSION}")
     fingerprint = _fingerprint(_get(message, "fingerprint", dict))
+    batch = _batch(_get(message, "arrays", dict), fingerprint)
     header = Header(
         producer_id=_get(message, "producer", str),
         worker=_int(message, "worker", 0, 1 << 16),
@@ -104,8 +109,22 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
         sequence=_int(message, "seq", 0, 1 << 62),
         epoch_instances=_int(message, "epoch_instances", 0, 1 << 50),
         fingerprint=fingerprint,
+        blend=_blend(message, batch.size) if "blend" in message else None,
     )
-    return Message(header, _batch(_get(message, "arrays", dict), fingerprint))
+    return Message(header, batch)
+
+
+def _blend(message: dict, size: int) -> tuple[int, ...]:
+    """Per-corpus instance counts: 2 to MAX_BLEND non-negative ints that add up to the batch size."""
+    counts = _get(message, "blend", list)
+    if not 2 <= len(counts) <= MAX_BLEND:
+        raise WireError("blend", f"{len(counts)} corpora; a blend has 2 to {MAX_BLEND}")
+    for i, count in enumerate(counts):
+        if type(count) is not int or not 0 <= count <= MAX_BATCH:  # exact: a bool is not a count
+            raise WireError(f"blend[{i}]", f"expected an integer in [0, {MAX_BATCH}], got {count!r}")
+    if sum(counts) != size:
+        raise WireError("blend", f"counts add up to {sum(counts)}, the batch has {size} instances")
+    return tuple(counts)
 
 
 def _get(mapping: dict, key: str, kind: type, where: str = ""):
