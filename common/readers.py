@@ -79,6 +79,18 @@ def require(module: str, source: str):
                           f"`pip install 'bertstream[{extra}]'`") from None
 
 
+def add_source_flags(group) -> None:
+    """The flags that say how sources are read: the producer's for --train_corpus, the trainer's for --eval_corpus."""
+    group.add_argument("--text_field", default="text",
+                       help="the field of a JSONL record or the column of a Parquet file or dataset that holds a "
+                       "document's text (default %(default)s)")
+    group.add_argument("--dataset_split", default="train",
+                       help="the split of an hf:NAME dataset or of a saved DatasetDict (default %(default)s)")
+    group.add_argument("--split_sentences", action="store_true",
+                       help="split each line (or record) into sentences with Bling Fire, once, in the index build "
+                       "(pip install 'bertstream[split]'); without it a line is a sentence")
+
+
 # --- documents -------------------------------------------------------------------------------------------
 
 
@@ -95,7 +107,8 @@ def _record_text(record, field: str, where: str) -> str:
         raise CorpusError(f"{where}: no field {field!r} (fields: {fields}); choose the text's field with --text_field")
     text = record[field]
     if not isinstance(text, str):
-        raise CorpusError(f"{where}: field {field!r} is {type(text).__name__}, expected a string")
+        kind = "null" if text is None else type(text).__name__
+        raise CorpusError(f"{where}: field {field!r} is {kind}, expected a string")
     return text
 
 

@@ -16,7 +16,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import security
+from common import readers, security
 from common.config import CorpusConfig, GenerationConfig
 from common.vocab import default_cache_dir, model_max_positions
 from common.wire import MAX_BATCH
@@ -194,15 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_corpus_flags(group, blends: bool) -> None:
-    """How sources are read (shared with the trainer's --eval_corpus) and, for training, how they are blended."""
-    group.add_argument("--text_field", default="text",
-                       help="the field of a JSONL record or the column of a Parquet file or dataset that holds a "
-                       "document's text (default %(default)s)")
-    group.add_argument("--dataset_split", default="train",
-                       help="the split of an hf:NAME dataset or of a saved DatasetDict (default %(default)s)")
-    group.add_argument("--split_sentences", action="store_true",
-                       help="split each line (or record) into sentences with Bling Fire, once, in the index build "
-                       "(pip install 'bertstream[split]'); without it a line is a sentence")
+    """How sources are read (common/readers.py) and how they are blended."""
+    readers.add_source_flags(group)
     if blends:
         group.add_argument("--corpus_weights", nargs="+", type=float, default=None, metavar="W",
                            help="one weight per --train_corpus source: each is a corpus, and each epoch draws their "
@@ -296,7 +289,9 @@ def _as_flag_error(exc: ValueError, args: argparse.Namespace) -> str:
     """`field must ..., got value` as `--field value: must ...` (flags and config fields share names)."""
     match = _FIELD_ERROR.match(str(exc))
     if match and hasattr(args, match["field"]):
-        return f"--{match['field']} {getattr(args, match['field'])}: {match['problem']}"
+        value = getattr(args, match["field"])
+        value = " ".join(map(str, value)) if isinstance(value, list) else value  # nargs="+": as it was typed
+        return f"--{match['field']} {value}: {match['problem']}"
     return str(exc)
 
 
