@@ -356,6 +356,8 @@ class Supervisor:
         what = f"sent in {totals.batches} batches" if self.config.stream is not None else "written"
         log.info("done: %d instances %s, %.1f s, %.0f inst/s, %d restarts", totals.instances, what, elapsed,
                  totals.instances / max(elapsed, 1e-9), self.restarts)
+        if self.resources.blend is not None and self.config.stream is not None:
+            log.info("done: %s", blend_line(self.resources.blend, totals.corpus_instances))
 
     # --- dump mode ----------------------------------------------------------------------------------------
 
