@@ -296,3 +296,28 @@ def test_one_huge_line_without_split_sentences_warns_and_suggests_it(vocab_dir, 
         assert len(warnings) == 1  # split, no warning
     finally:
         logger.removeHandler(handler)
+
+
+def test_the_producer_reads_every_format_without_importing_torch(tiny_model_dir, tmp_path):
+    """`datasets` imports torch's integrations only on demand; the producer must never pay for torch."""
+    pytest.importorskip("datasets", reason="the datasets extra is in the test extras")
+    text = write_corpus(tmp_path / "corpus.txt", num_documents=8)
+    texts = ["\n".join(d) for d in documents_of(text)]
+    sources = [write_jsonl(tmp_path / "c.jsonl.gz", [{"text": t} for t in texts], compress=True),
+               write_parquet(tmp_path / "c.parquet", {"text": texts}), write_dataset(tmp_path / "ds", {"text": texts})]
+    check = (
+        "import sys\n"
+        "from producer.__main__ import main\n"
+        "status = main(sys.argv[1:])\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, f'the producer imported {heavy}'\n"
+        "sys.exit(status)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check, "--train_corpus", *map(str, sources), "--corpus_weights", "1", "1", "1",
+         "--split_sentences", "--bert_model", str(tiny_model_dir), "--cache_dir", str(tmp_path / "cache"),
+         "--output_dir", str(tmp_path / "out"), "--epochs_to_generate", "1", "--num_workers", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=_env(),
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "epoch_0.json").stat().st_size > 0
