@@ -64,19 +64,27 @@ def corpus_index(index: CorpusIndex, blend: Blend | None) -> CorpusIndex:
 
 
 def instances_per_document(index: CorpusIndex, start: int, stop: int, generation: GenerationConfig,
-                           rng: np.random.Generator, sample_documents: int = 2000) -> float:
-    """Mean instances a document of [start, stop) gives, from a sample scaled by its token share."""
+                           rng: np.random.Generator, sample_documents: int = 8000) -> float:
+    """Mean instances a document of [start, stop) gives, from a sample scaled by its token share.
+
+    A document's instance count varies a lot with its draws: one of ten gets a short target length
+    (short_seq_prob) and then gives several times more instances. So a corpus smaller than the sample is run
+    through several times (one pass of 200 documents left the blend's shares a point off); a larger one is
+    sampled."""
     from common.instances import ScalarDraws, create_pairs_from_document
 
     count = stop - start
-    documents = np.arange(start, stop) if count <= sample_documents else \
-        start + rng.choice(count, sample_documents, replace=False)
+    if count <= sample_documents:
+        documents = np.tile(np.arange(start, stop), -(-sample_documents // count))
+    else:
+        documents = start + rng.choice(count, sample_documents, replace=False)
     draws = ScalarDraws(rng)
     pairs = sum(len(create_pairs_from_document(index, int(d), generation, draws)) for d in documents)
     so, do = index.sentence_offsets, index.document_offsets
     sample_tokens = int(np.sum(so[do[documents + 1]] - so[do[documents]]))
     corpus_tokens = int(so[do[stop]] - so[do[start]])
-    return max(pairs * corpus_tokens / max(sample_tokens, 1), 1.0) / count
+    passes_or_share = sample_tokens / max(corpus_tokens, 1)  # passes over the corpus, or the share sampled
+    return max(pairs / max(passes_or_share, 1e-12), 1.0) / count
 
 
 def plan_blend(index: CorpusIndex, corpus: CorpusConfig, generation: GenerationConfig, seed: int) -> Blend:

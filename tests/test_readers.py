@@ -278,6 +278,9 @@ def test_one_huge_line_without_split_sentences_warns_and_suggests_it(vocab_dir, 
     documents = prose_documents(seed=1, num_documents=6)
     long_line = " ".join(" ".join(d) for d in documents * 4)  # far more than 512 tokens on one line
     path = write_jsonl(tmp_path / "long.jsonl", [{"text": long_line}, {"text": "A short one."}])
+    # One long sentence among many short lines is a sentence-a-line corpus's normal: no warning for it.
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"text": "\n".join(["A short one."] * 200 + [long_line])},
+                                                     {"text": "Another."}])
     warnings: list[str] = []
 
     class Collect(logging.Handler):
@@ -287,8 +290,10 @@ def test_one_huge_line_without_split_sentences_warns_and_suggests_it(vocab_dir, 
     logger, handler = logging.getLogger("bertstream"), Collect(level=logging.WARNING)
     logger.addHandler(handler)
     try:
+        build_or_load_index(config_for(vocab_dir, [normal], tmp_path / "cache"), vocab, num_procs=1)
+        assert warnings == []
         build_or_load_index(config_for(vocab_dir, [path], tmp_path / "cache"), vocab, num_procs=1)
-        assert len(warnings) == 1 and "1 lines are longer than 512 tokens" in warnings[0]
+        assert len(warnings) == 1 and "1 documents are one line of more than 512 tokens" in warnings[0]
         assert "pass --split_sentences" in warnings[0]
         pytest.importorskip("blingfire", reason="the split extra (blingfire) is in the test extras")
         build_or_load_index(config_for(vocab_dir, [path], tmp_path / "cache", split_sentences=True), vocab,
