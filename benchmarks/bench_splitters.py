@@ -11,7 +11,7 @@ This gold standard leaves out the hardest cases (abbreviations, numbers, quotes 
 the KJV), so it measures the common case and speed; the second table (`--cases`) shows each splitter on a few
 hand-made lines of the hard cases.
 
-    .venv/bin/pip install pysbd blingfire syntok
+    .venv/bin/pip install pysbd syntok   # blingfire comes with the split extra (and the test extra)
     .venv/bin/python benchmarks/bench_splitters.py
 
 Candidates that are missing are reported as such. nltk's punkt is not a candidate here: it needs
