@@ -302,8 +302,8 @@ def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int,
     # that are one long line, or many long lines, are paragraphs or whole texts that want splitting.
     if not split and (one_long_line or long_lines > 0.01 * max(len(lengths), 1)):
         log.warning("%d documents are one line of more than %d tokens, and %d lines in all (the longest %d): "
-                    "each line is taken as one sentence, so NSP can only cut them, never pair their sentences. If the documents are paragraphs or whole "
-                    "texts on a line, pass --split_sentences", one_long_line, LONG_LINE_TOKENS, long_lines, longest)
+                    "each line is taken as one sentence, so NSP can only cut them, never pair their sentences. If "
+                    "the documents are paragraphs or whole texts on a line, pass --split_sentences", one_long_line, LONG_LINE_TOKENS, long_lines, longest)
 
     _raw_to_npy(raw_path, out / "tokens.npy", dtype, n_tokens)
     np.save(out / "sentence_offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))

@@ -173,7 +173,7 @@ def test_a_hub_dataset_that_cannot_be_loaded_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache: nothing to find offline
-    with pytest.raises(CorpusError, match=r"^hf:bertstream-test/none: cannot load split 'train' from the Hugging Face Hub"):
+    with pytest.raises(CorpusError, match=r"^hf:bertstream-test/none: cannot load split 'train' from the Hugging Face"):
         list(iter_source_documents(["hf:bertstream-test/none"], SourceOptions()))
 
 

@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = p.add_argument_group("held-out evaluation")
     ev.add_argument("--eval_corpus", type=str, default=None,
-                    help="held-out corpus (any --train_corpus format): MLM loss/accuracy and NSP accuracy at start, every --eval_steps, end")
+                    help="held-out text (corpus format; also JSONL, Parquet, datasets): MLM loss/accuracy and "
+                    "NSP accuracy at start, every --eval_steps, end")
     ev.add_argument("--eval_steps", type=int, default=500, help="0 = only at start and end")
     ev.add_argument("--eval_instances", type=int, default=512, help="size of the fixed evaluation set")
     ev.add_argument("--cache_dir", type=str, default=None, help="where the eval corpus's token index is kept")
