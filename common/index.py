@@ -248,7 +248,7 @@ def _build(corpus: CorpusConfig, vocab: Vocabulary, out: Path, num_procs: int,
             nonlocal n_tokens, empty_sentences, empty_token_documents, done_chars, long_lines, one_long_line, longest
             result, chars, sources = pending.popleft()
             ids, lengths, counts = result.get()
-            if len(lengths):
+            if len(lengths) and not split:  # split sentences are not lines: no warning to give about them
                 long = lengths > LONG_LINE_TOKENS
                 long_lines += int(np.count_nonzero(long))
                 first_of_document = np.concatenate([[0], np.cumsum(counts)[:-1]])

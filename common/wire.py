@@ -9,7 +9,7 @@ range is checked against the message's own fingerprint, and any failure is a `Wi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import msgpack
 import numpy as np
@@ -69,19 +69,20 @@ def encode(header: Header, batch: Batch) -> bytes:
         array = getattr(batch, name)
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         arrays[name] = [little.dtype.str, list(little.shape), little.tobytes()]
-    message = {
-        "v": PROTOCOL_VERSION,
-        "producer": header.producer_id,
-        "worker": header.worker,
-        "epoch": header.epoch,
-        "seq": header.sequence,
-        "epoch_instances": header.epoch_instances,
-        "fingerprint": asdict(header.fingerprint),
-        "arrays": arrays,
-    }
-    if header.blend is not None:
-        message["blend"] = list(header.blend)
-    return msgpack.packb(message, use_bin_type=True)
+    return msgpack.packb(
+        {
+            "v": PROTOCOL_VERSION,
+            "producer": header.producer_id,
+            "worker": header.worker,
+            "epoch": header.epoch,
+            "seq": header.sequence,
+            "epoch_instances": header.epoch_instances,
+            "fingerprint": asdict(header.fingerprint),
+            "arrays": arrays,
+            **({} if header.blend is None else {"blend": list(header.blend)}),  # only a blend's producer sends it
+        },
+        use_bin_type=True,
+    )
 
 
 def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
@@ -101,7 +102,6 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
     if type(version) is not int or version != PROTOCOL_VERSION:  # True and 1.0 compare equal to 1
         raise WireError("v", f"protocol version {version!r}; this build speaks {PROTOCOL_VERSION}")
     fingerprint = _fingerprint(_get(message, "fingerprint", dict))
-    batch = _batch(_get(message, "arrays", dict), fingerprint)
     header = Header(
         producer_id=_get(message, "producer", str),
         worker=_int(message, "worker", 0, 1 << 16),
@@ -109,8 +109,10 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
         sequence=_int(message, "seq", 0, 1 << 62),
         epoch_instances=_int(message, "epoch_instances", 0, 1 << 50),
         fingerprint=fingerprint,
-        blend=_blend(message, batch.size) if "blend" in message else None,
     )
+    batch = _batch(_get(message, "arrays", dict), fingerprint)
+    if "blend" in message:  # optional: only a blend's producer sends it
+        header = replace(header, blend=_blend(message, batch.size))
     return Message(header, batch)
 
 
