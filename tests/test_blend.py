@@ -136,6 +136,27 @@ def test_the_epoch_plan_repeats_a_small_corpus_samples_a_large_one_and_is_the_sa
     np.testing.assert_array_equal(np.sort(np.concatenate(shares)), np.sort(order))
 
 
+def test_a_blended_stream_is_reproducible_and_a_restart_regenerates_the_same_batches():
+    """Per (seed, worker, epoch), as without a blend: a restarted worker regenerates what it sent and skips it."""
+    from producer.worker import iter_worker_batches
+
+    index = unique_token_corpora((15, 200), (6.0, 2.0), seed=4)
+    blend = plan_blend(index, blend_config((0.7, 0.3)), CONFIG, seed=9)
+    blended = corpus_index(index, blend)
+
+    def stream(worker):
+        return list(iter_worker_batches(blended, CONFIG, VOCAB, 9, worker, 2, 32, epochs=2, blend=blend))
+
+    first, again = stream(0), stream(0)
+    assert len(first) == len(again) > 4 and {epoch for epoch, _ in first} == {0, 1}
+    for (epoch_a, a), (epoch_b, b) in zip(first, again):
+        assert epoch_a == epoch_b
+        for name in (*a.FIELDS, "corpus"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    other = stream(1)
+    assert not np.array_equal(first[0][1].input_ids, other[0][1].input_ids)
+
+
 def test_a_corpus_of_one_document_cannot_be_blended():
     index = unique_token_corpora((10, 1), (3.0, 3.0), seed=0)
     with pytest.raises(CorpusError, match=r"^corpus1.txt: 1 document\(s\) with text, as a corpus of a blend"):

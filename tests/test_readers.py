@@ -326,3 +326,21 @@ def test_the_producer_reads_every_format_without_importing_torch(tiny_model_dir,
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "epoch_0.json").stat().st_size > 0
+
+
+def test_the_trainer_reads_its_eval_corpus_in_any_format(tiny_model_dir, tmp_path):
+    from trainer.cli import parse_args
+    from trainer.evaluate import load_eval_index
+
+    text = write_corpus(tmp_path / "heldout.txt", num_documents=10)
+    jsonl = write_jsonl(tmp_path / "heldout.jsonl", [{"body": "\n".join(d)} for d in documents_of(text)])
+    config = parse_args(["--bert_model", str(tiny_model_dir), "--output_dir", str(tmp_path / "out"),
+                         "--eval_corpus", str(jsonl), "--text_field", "body", "--cache_dir", str(tmp_path / "cache")])
+    assert (config.eval.text_field, config.eval.dataset_split, config.eval.split_sentences) == ("body", "train", False)
+    vocab = Vocabulary.from_tokenizer(load_tokenizer(tiny_model_dir, True), True)
+    got = load_eval_index(config.eval.eval_corpus, str(tiny_model_dir), True, config.eval.cache_dir, vocab,
+                          text_field=config.eval.text_field, dataset_split=config.eval.dataset_split,
+                          split_sentences=config.eval.split_sentences)
+    expected = load_eval_index(str(text), str(tiny_model_dir), True, config.eval.cache_dir, vocab)
+    for left, right in zip(arrays(got), arrays(expected)):
+        np.testing.assert_array_equal(left, right)
