@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -9,10 +10,27 @@ from dataclasses import asdict, dataclass
 class CorpusConfig:
     """Where the text is and how it becomes token ids."""
 
-    train_corpus: tuple[str, ...]  # one or more text files (gzip allowed), one sentence a line
+    train_corpus: tuple[str, ...]  # sources: text (gzip allowed), .jsonl(.gz), .parquet, a saved dataset, hf:NAME
     bert_model: str  # hub name or local model directory; its tokenizer is used
     do_lower_case: bool
     cache_dir: str  # where corpus indexes are kept
+    text_field: str = "text"  # the record field holding a document's text (JSONL, Parquet, datasets)
+    dataset_split: str = "train"  # the split of a Hub dataset or of a saved DatasetDict
+    split_sentences: bool = False  # split each line into sentences (common/sentences.py); else a line is one
+    corpus_weights: tuple[float, ...] | None = None  # one per source: a weighted blend; None = all one corpus
+
+    def __post_init__(self) -> None:
+        if not self.text_field:
+            raise ValueError("text_field must be a non-empty field name, got ''")
+        if self.corpus_weights is not None:
+            weights = self.corpus_weights
+            if len(weights) != len(self.train_corpus):
+                raise ValueError(f"corpus_weights must give one weight per --train_corpus source "
+                                 f"({len(self.train_corpus)}), got {len(weights)}")
+            if not 2 <= len(weights) <= 64:  # 64: the wire header's per-corpus counts (common/wire.py)
+                raise ValueError(f"corpus_weights must blend 2 to 64 corpora, got {len(weights)}")
+            if not all(math.isfinite(w) and w > 0 for w in weights):
+                raise ValueError(f"corpus_weights must be positive numbers, got {' '.join(map(str, weights))}")
 
 
 @dataclass(frozen=True)

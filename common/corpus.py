@@ -8,7 +8,6 @@ row make empty documents, which are skipped and counted, never silently.
 from __future__ import annotations
 
 import gzip
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ class CorpusError(ValueError):
 @dataclass(frozen=True)
 class Document:
     path: str
-    first_line: int  # 1-based line number of the document's first sentence, for error messages
+    first_line: int  # 1-based line number of the document's first sentence (a record's number), for error messages
     sentences: tuple[str, ...]
 
 
@@ -112,14 +111,3 @@ def iter_documents(paths: list[str] | tuple[str, ...], stats: CorpusStats | None
             stats.documents += 1
             stats.sentences += len(sentences)
             yield Document(str(path), first_line, tuple(sentences))
-
-
-def corpus_digest(paths: list[str] | tuple[str, ...]) -> str:
-    """sha256 over the corpus contents, as stored (so a re-compressed file counts as changed)."""
-    digest = hashlib.sha256()
-    for path in check_paths(paths):
-        digest.update(str(path.stat().st_size).encode())
-        with open(path, "rb") as stream:
-            while chunk := stream.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()

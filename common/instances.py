@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 
+from common.blend import Blend, blend_epoch_order
 from common.config import GenerationConfig
 from common.index import CorpusIndex
 from common.vocab import Vocabulary
@@ -51,6 +52,9 @@ class Batch:
     masked_positions: np.ndarray  # (batch, max_predictions) uint16, 0 where unused
     masked_labels: np.ndarray  # (batch, max_predictions) int16 or int32, IGNORE_INDEX where unused
     next_sentence_labels: np.ndarray  # (batch,) uint8: 0 = B follows A, 1 = B is random
+    # (batch,) uint8: the blend's corpus each row's A comes from; None without a blend. Not sent as an array:
+    # the message header carries its counts (common/wire.py).
+    corpus: np.ndarray | None = None
 
     FIELDS = ("input_ids", "token_type_ids", "lengths", "masked_positions", "masked_labels", "next_sentence_labels")
 
@@ -71,7 +75,14 @@ class Batch:
 
     def rows(self, start: int, stop: int) -> "Batch":
         """Rows [start, stop) as a batch of their own (views, no copy)."""
-        return Batch(**{name: getattr(self, name)[start:stop] for name in self.FIELDS})
+        return Batch(**{name: getattr(self, name)[start:stop] for name in self.FIELDS},
+                     corpus=None if self.corpus is None else self.corpus[start:stop])
+
+    def corpus_counts(self, num_corpora: int) -> tuple[int, ...] | None:
+        """Rows from each corpus of a blend (None without one): what the message header carries."""
+        if self.corpus is None:
+            return None
+        return tuple(np.bincount(self.corpus, minlength=num_corpora).tolist())
 
     def instances(self) -> list[TrainingInstance]:
         """The rows as instances (for the seed's records and per-instance callers)."""
@@ -128,11 +139,17 @@ def sample_random_documents(index: CorpusIndex, current: np.ndarray, rng: np.ran
 
     A uniform sentence outside the current document's sentences (so never the current one), and the
     document it belongs to. Integers are floor(u * n) of uniforms u, uniform up to u's 2^-53 granularity.
+    In a blend (`index.corpus_offsets`), the sentence is drawn from the current document's corpus only.
     """
     do = index.document_offsets.view(np.ndarray)
     first, count = do[current], do[current + 1] - do[current]
-    others = do[-1] - count  # sentences outside each current document
-    sentence = np.minimum((rng.random(len(current)) * others).astype(np.int64), others - 1)
+    low, high = 0, do[-1]  # the sentences to draw from: the whole index, or the current document's corpus
+    if index.corpus_offsets is not None:
+        corpora = np.asarray(index.corpus_offsets)
+        corpus = np.searchsorted(corpora, current, side="right") - 1
+        low, high = do[corpora[corpus]], do[corpora[corpus + 1]]
+    others = high - low - count  # sentences outside each current document
+    sentence = low + np.minimum((rng.random(len(current)) * others).astype(np.int64), others - 1)
     sentence += count * (sentence >= first)  # skip over the current document's sentences
     return np.searchsorted(do, sentence, side="right") - 1
 
@@ -341,7 +358,11 @@ def make_batch(index: CorpusIndex, pairs: list[SegmentPair], config: GenerationC
     ids[pos >= lengths[:, None]] = vocab.pad_id
     token_type_ids = ((pos >= (a_lens + 2)[:, None]) & (pos < lengths[:, None])).view(np.uint8)
     positions, labels = mask_batch(ids, lengths, a_lens, config, vocab, rng)
-    return Batch(ids, token_type_ids, lengths.astype(np.uint16), positions, labels, random_next.astype(np.uint8))
+    corpus = None
+    if index.corpus_offsets is not None:
+        corpus = (np.searchsorted(np.asarray(index.corpus_offsets), documents, side="right") - 1).astype(np.uint8)
+    return Batch(ids, token_type_ids, lengths.astype(np.uint16), positions, labels, random_next.astype(np.uint8),
+                 corpus)
 
 
 def iter_batches(index: CorpusIndex, documents: Iterable[int], config: GenerationConfig, vocab: Vocabulary,
@@ -377,12 +398,13 @@ def epoch_document_order(num_documents: int, seed: int, epoch: int) -> np.ndarra
 
 
 def worker_documents(num_documents: int, seed: int, epoch: int, worker: int, num_workers: int,
-                     sent_before: int = 0) -> np.ndarray:
+                     sent_before: int = 0, blend: "Blend | None" = None) -> np.ndarray:
     """The documents whose instances `worker` generates in `epoch`: each document belongs to exactly one.
 
     `sent_before`: documents [0, sent_before) are left out (a cold start's early stream sent them in epoch 0).
+    `blend`: the epoch is the blend's draw of documents (common/blend.py), a document drawn twice counting twice.
     """
-    order = epoch_document_order(num_documents, seed, epoch)
+    order = epoch_document_order(num_documents, seed, epoch) if blend is None else blend_epoch_order(blend, seed, epoch)
     if sent_before:
         order = order[order >= sent_before]
     return order[worker::num_workers]

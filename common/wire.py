@@ -9,7 +9,7 @@ range is checked against the message's own fingerprint, and any failure is a `Wi
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import msgpack
 import numpy as np
@@ -22,6 +22,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 4096 x 512 batch is ~9 MB; anything fa
 MAX_BATCH = 65536
 MAX_SEQ_LEN = 8192
 MAX_VOCAB = 1 << 24
+MAX_BLEND = 64  # corpora of a blend (the header lists one count per corpus)
 
 # The dtypes each array may arrive in (the smallest that hold it, chosen by the vocabulary size).
 _DTYPES = {
@@ -50,6 +51,9 @@ class Header:
     sequence: int  # per-worker message counter, from 0
     epoch_instances: int  # instances in a full epoch of this stream (what the trainer's step count is based on)
     fingerprint: Fingerprint
+    # Instances of this message from each corpus of a blend (--corpus_weights), in --train_corpus order; None
+    # (absent on the wire) without a blend. Optional, so a producer without blends sends the same bytes as before.
+    blend: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ def encode(header: Header, batch: Batch) -> bytes:
             "epoch_instances": header.epoch_instances,
             "fingerprint": asdict(header.fingerprint),
             "arrays": arrays,
+            **({} if header.blend is None else {"blend": list(header.blend)}),  # only a blend's producer sends it
         },
         use_bin_type=True,
     )
@@ -105,7 +110,23 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
         epoch_instances=_int(message, "epoch_instances", 0, 1 << 50),
         fingerprint=fingerprint,
     )
-    return Message(header, _batch(_get(message, "arrays", dict), fingerprint))
+    batch = _batch(_get(message, "arrays", dict), fingerprint)
+    if "blend" in message:  # optional: only a blend's producer sends it
+        header = replace(header, blend=_blend(message, batch.size))
+    return Message(header, batch)
+
+
+def _blend(message: dict, size: int) -> tuple[int, ...]:
+    """Per-corpus instance counts: 2 to MAX_BLEND non-negative ints that add up to the batch size."""
+    counts = _get(message, "blend", list)
+    if not 2 <= len(counts) <= MAX_BLEND:
+        raise WireError("blend", f"{len(counts)} corpora; a blend has 2 to {MAX_BLEND}")
+    for i, count in enumerate(counts):
+        if type(count) is not int or not 0 <= count <= MAX_BATCH:  # exact: a bool is not a count
+            raise WireError(f"blend[{i}]", f"expected an integer in [0, {MAX_BATCH}], got {count!r}")
+    if sum(counts) != size:
+        raise WireError("blend", f"counts add up to {sum(counts)}, the batch has {size} instances")
+    return tuple(counts)
 
 
 def _get(mapping: dict, key: str, kind: type, where: str = ""):

@@ -16,7 +16,7 @@ import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import security
+from common import readers, security
 from common.config import CorpusConfig, GenerationConfig
 from common.vocab import default_cache_dir, model_max_positions
 from common.wire import MAX_BATCH
@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(--connect) or write the seed's epoch files (--output_dir).",
     )
     seed = parser.add_argument_group("the seed's pregenerate_training_data.py flags")
-    seed.add_argument("--train_corpus", nargs="+", required=True, metavar="FILE",
-                      help="text file(s), one sentence a line, a blank line between documents (gzip allowed)")
+    seed.add_argument("--train_corpus", nargs="+", required=True, metavar="SOURCE",
+                      help="text file(s), one sentence a line, a blank line between documents (gzip allowed); "
+                      "also .jsonl(.gz) and .parquet (a document a record), a save_to_disk dataset folder, or "
+                      "hf:NAME (a Hub dataset)")
     seed.add_argument("--output_dir", default=None,
                       help="dump mode: write epoch_{i}.json and epoch_{i}_metrics.json here, then exit")
     seed.add_argument("--bert_model", required=True,
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--progress_interval_s", type=float, default=10.0,
                       help="seconds between progress lines (default %(default)s)")
 
+    add_corpus_flags(parser.add_argument_group("corpus formats and blends"), blends=True)
+
     stream = parser.add_argument_group("streaming")
     stream.add_argument("--connect", action="append", default=None, metavar="ENDPOINT",
                         help="trainer endpoint to PUSH batches to, tcp://HOST:PORT or ipc://PATH (repeatable)")
@@ -189,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_corpus_flags(group, blends: bool) -> None:
+    """How sources are read (common/readers.py) and how they are blended."""
+    readers.add_source_flags(group)
+    if blends:
+        group.add_argument("--corpus_weights", nargs="+", type=float, default=None, metavar="W",
+                           help="one weight per --train_corpus source: each is a corpus, and each epoch draws their "
+                           "documents so that instances come in these shares (random next segments stay in their "
+                           "corpus); without it all sources are one corpus")
+
+
 def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> ProducerConfig:
     """Parse and validate every flag; any problem exits through `parser.error` (status 2)."""
     args = parser.parse_args(argv)
@@ -205,7 +219,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
     try:
         corpus = CorpusConfig(
             train_corpus=tuple(args.train_corpus), bert_model=args.bert_model, do_lower_case=args.do_lower_case,
-            cache_dir=args.cache_dir,
+            cache_dir=args.cache_dir, text_field=args.text_field, dataset_split=args.dataset_split,
+            split_sentences=args.split_sentences,
+            corpus_weights=None if args.corpus_weights is None else tuple(args.corpus_weights),
         )
         generation = GenerationConfig(
             max_seq_len=args.max_seq_len, short_seq_prob=args.short_seq_prob, masked_lm_prob=args.masked_lm_prob,
@@ -273,7 +289,9 @@ def _as_flag_error(exc: ValueError, args: argparse.Namespace) -> str:
     """`field must ..., got value` as `--field value: must ...` (flags and config fields share names)."""
     match = _FIELD_ERROR.match(str(exc))
     if match and hasattr(args, match["field"]):
-        return f"--{match['field']} {getattr(args, match['field'])}: {match['problem']}"
+        value = getattr(args, match["field"])
+        value = " ".join(map(str, value)) if isinstance(value, list) else value  # nargs="+": as it was typed
+        return f"--{match['field']} {value}: {match['problem']}"
     return str(exc)
 
 

@@ -27,13 +27,15 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from common import seedformat
+from common.blend import Blend, corpus_index, plan_blend
 from common.index import CorpusIndex, build_or_load_index
 from common.instances import estimate_epoch_instances
 from common.progress import Every, log
 from common.vocab import Vocabulary, load_tokenizer
 from producer.cli import ProducerConfig
 from producer.early import EarlyStream
-from producer.worker import WORKER_SIGNALS, Progress, Resume, WorkerJob, dump_worker, stream_worker, worker_main
+from producer.worker import (WORKER_SIGNALS, Progress, Resume, WorkerJob, add_counts, dump_worker, stream_worker,
+                             worker_main)
 
 MAX_DEATHS = 3  # restarts allowed per worker within DEATH_WINDOW_S; one more death gives up
 DEATH_WINDOW_S = 60.0
@@ -50,6 +52,7 @@ class Resources:
     index: CorpusIndex  # memory-mapped: forked workers share the pages
     epoch_instances: int  # estimated instances in one epoch (sent in every header)
     early_documents: int = 0  # epoch 0's documents already streamed while the index was built (producer.early)
+    blend: Blend | None = None  # --corpus_weights: the corpora and their documents per epoch
 
 
 def prepare(config: ProducerConfig, model_dir: Path) -> Resources:
@@ -57,7 +60,9 @@ def prepare(config: ProducerConfig, model_dir: Path) -> Resources:
     vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, config.corpus.do_lower_case),
                                       config.corpus.do_lower_case)
     early = None
-    if config.stream is not None:  # a cold start streams epoch 0 from the documents already tokenized
+    # A cold start streams epoch 0 from the documents already tokenized, in corpus order; a blend's epoch is
+    # a weighted draw over corpora that are not all tokenized yet, so a blend waits for its index.
+    if config.stream is not None and config.corpus.corpus_weights is None:
         early = EarlyStream(config.stream, config.generation, vocab, config.pool.seed, producer_id(),
                             worker=config.pool.num_workers)
     try:
@@ -69,10 +74,16 @@ def prepare(config: ProducerConfig, model_dir: Path) -> Resources:
             early.abort()
         raise
     started = time.monotonic()
-    epoch_instances = estimate_epoch_instances(index, config.generation, vocab, config.pool.seed)
+    blend = None
+    if config.corpus.corpus_weights is not None:
+        blend = plan_blend(index, config.corpus, config.generation, config.pool.seed)
+        index, epoch_instances = corpus_index(index, blend), blend.epoch_instances
+        log.info("blend: %s", blend.describe())
+    else:
+        epoch_instances = estimate_epoch_instances(index, config.generation, vocab, config.pool.seed)
     log.info("epoch: ~%d instances from %d documents (estimated in %.1f s)", epoch_instances,
-             index.num_documents, time.monotonic() - started)
-    return Resources(model_dir, vocab, index, epoch_instances, early_documents)
+             index.num_documents if blend is None else sum(blend.epoch_documents), time.monotonic() - started)
+    return Resources(model_dir, vocab, index, epoch_instances, early_documents, blend)
 
 
 def producer_id() -> str:
@@ -111,7 +122,8 @@ class Slot:
 
     def totals(self) -> Progress:
         return Progress(self.earlier.instances + self.last.instances, self.earlier.batches + self.last.batches,
-                        self.earlier.blocked_s + self.last.blocked_s, self.last.epoch)
+                        self.earlier.blocked_s + self.last.blocked_s, self.last.epoch,
+                        corpus_instances=add_counts(self.earlier.corpus_instances, self.last.corpus_instances))
 
 
 class Supervisor:
@@ -167,7 +179,7 @@ class Supervisor:
             generation=self.config.generation, vocab=self.resources.vocab, index=self.resources.index,
             supervisor_pid=os.getpid(), producer_id=self.producer_id,
             epoch_instances=self.resources.epoch_instances, resume=resume,
-            early_documents=self.resources.early_documents,
+            early_documents=self.resources.early_documents, blend=self.resources.blend,
         )
         if self.config.stream is not None:
             args = (stream_worker, job, self.config.stream, self.stop, writer, slot.sent)
@@ -311,6 +323,7 @@ class Supervisor:
             totals.instances += t.instances
             totals.batches += t.batches
             totals.blocked_s += t.blocked_s
+            totals.corpus_instances = add_counts(totals.corpus_instances, t.corpus_instances)
         return totals
 
     def _progress_line(self, since: float, before: Progress) -> tuple[float, Progress]:
@@ -327,6 +340,8 @@ class Supervisor:
                      rate, (totals.batches - before.batches) / elapsed, epoch, totals.instances,
                      totals.instances / max(self.resources.epoch_instances, 1), self.resources.epoch_instances,
                      100 * min(blocked, 1.0), len(live), len(self.slots), self.restarts)
+            if self.resources.blend is not None:
+                log.info("stream: %s", blend_line(self.resources.blend, totals.corpus_instances))
         else:
             expected = self.resources.epoch_instances * self.config.dump.epochs_to_generate
             share = min(totals.instances / max(expected, 1), 0.99)  # an estimate: never claim 100% early
@@ -341,6 +356,8 @@ class Supervisor:
         what = f"sent in {totals.batches} batches" if self.config.stream is not None else "written"
         log.info("done: %d instances %s, %.1f s, %.0f inst/s, %d restarts", totals.instances, what, elapsed,
                  totals.instances / max(elapsed, 1e-9), self.restarts)
+        if self.resources.blend is not None and self.config.stream is not None:
+            log.info("done: %s", blend_line(self.resources.blend, totals.corpus_instances))
 
     # --- dump mode ----------------------------------------------------------------------------------------
 
@@ -357,6 +374,14 @@ class Supervisor:
             seedformat.write_metrics(out, epoch, count, self.config.generation.max_seq_len)
             self.written[epoch] = count
             log.info("wrote %s: %d instances, %.1f MB", path, count, path.stat().st_size / 1e6)
+
+
+def blend_line(blend: Blend, counts: tuple[int, ...]) -> str:
+    """`blend: a.txt 80.3% (want 80%), b.jsonl 19.7% (want 20%)` of the instances sent so far."""
+    total = max(sum(counts), 1)
+    counts = counts or (0,) * blend.num_corpora
+    return "blend sent: " + ", ".join(f"{name} {count / total:.1%} (want {weight:.0%})" for name, count, weight
+                                      in zip(blend.short_names(), counts, blend.weights))
 
 
 def describe_exit(exitcode: int) -> str:

@@ -29,6 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from common import security, seedformat
+from common.blend import Blend
 from common.config import GenerationConfig
 from common.index import CorpusIndex
 from common.instances import Batch, TrainingInstance, iter_batches, iter_instances, worker_documents, worker_rng
@@ -78,6 +79,7 @@ class WorkerJob:
     epoch_instances: int = 0  # the supervisor's estimate of the instances in a whole epoch
     resume: Resume = Resume()
     early_documents: int = 0  # documents [0, early_documents) of epoch 0 went out in a cold start's early stream
+    blend: Blend | None = None  # --corpus_weights: each epoch's documents are the blend's draw (common/blend.py)
 
 
 @dataclass
@@ -89,21 +91,22 @@ class Progress:
     blocked_s: float = 0.0
     epoch: int = 0
     epoch_first_sequence: int = 0
+    corpus_instances: tuple[int, ...] = ()  # instances from each corpus of a blend (empty without one)
 
 
 # --- what a worker generates ------------------------------------------------------------------------------
 
 
 def iter_shard(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabulary, seed: int, worker: int,
-               num_workers: int, epoch: int) -> Iterator[TrainingInstance]:
+               num_workers: int, epoch: int, blend: Blend | None = None) -> Iterator[TrainingInstance]:
     """The instances of `worker`'s documents in `epoch`, in order: the same for every process of the worker."""
-    documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers)
+    documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers, blend=blend)
     return iter_instances(index, documents, generation, vocab, worker_rng(seed, worker, epoch))
 
 
 def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabulary, seed: int, worker: int,
                         num_workers: int, batch_size: int, first_epoch: int = 0, epochs: int | None = None,
-                        early_documents: int = 0) -> Iterator[tuple[int, Batch]]:
+                        early_documents: int = 0, blend: Blend | None = None) -> Iterator[tuple[int, Batch]]:
     """(epoch, batch) per message, epochs `first_epoch` up to `epochs` (None: forever).
 
     Batches are generated whole (pairs, then truncation and masking on the batch's arrays) in blocks of at
@@ -116,10 +119,17 @@ def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab:
     block = batch_size * -(-GENERATION_ROWS // batch_size)
     for epoch in count(first_epoch) if epochs is None else range(first_epoch, epochs):
         documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers,
-                                     early_documents if epoch == 0 else 0)
+                                     early_documents if epoch == 0 else 0, blend)
         for generated in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), block):
             for start in range(0, generated.size, batch_size):
                 yield epoch, generated.rows(start, start + batch_size)
+
+
+def add_counts(left: tuple[int, ...], right: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-corpus counts added (either may be empty: no instances counted yet)."""
+    if not left or not right:
+        return tuple(left or right)
+    return tuple(a + b for a, b in zip(left, right))
 
 
 # --- talking to the supervisor ----------------------------------------------------------------------------
@@ -274,7 +284,7 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
     sender = Sender(stream, guard, while_blocked)
     try:
         batches = iter_worker_batches(job.index, job.generation, job.vocab, job.seed, job.worker, job.num_workers,
-                                      stream.batch_size, resume.epoch, stream.epochs, job.early_documents)
+                                      stream.batch_size, resume.epoch, stream.epochs, job.early_documents, job.blend)
         for epoch, batch in batches:
             if epoch != progress.epoch:
                 progress.epoch, progress.epoch_first_sequence = epoch, sequence
@@ -282,12 +292,15 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
             if sequence < resume.skip_until:  # sent by the process this one replaces: regenerated, not sent
                 sequence += 1
                 continue
-            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint)
+            blend = batch.corpus_counts(job.blend.num_corpora) if job.blend is not None else None
+            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint, blend)
             sender.send(encode(header, batch))
             sequence += 1
             sent.value = sequence
             progress.instances += batch.size
             progress.batches += 1
+            if blend is not None:
+                progress.corpus_instances = add_counts(progress.corpus_instances, blend)
             progress.blocked_s = sender.blocked_s
             reporter.maybe(progress)
             guard.check()
@@ -317,7 +330,7 @@ def dump_worker(job: WorkerJob, dump: DumpConfig, stop, conn: Connection) -> Non
             written = 0
             with seedformat.atomic_output(part) as out:
                 for instance in iter_shard(job.index, job.generation, job.vocab, job.seed, job.worker,
-                                           job.num_workers, epoch):
+                                           job.num_workers, epoch, job.blend):
                     out.write(seedformat.record_line(instance, job.vocab))
                     written += 1
                     progress.instances += 1

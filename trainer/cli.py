@@ -237,14 +237,18 @@ class DistributedConfig:
 class EvalConfig:
     """The held-out evaluation set and how often it is scored."""
 
-    eval_corpus: str | None = None  # text in the corpus format; None = no evaluation
+    eval_corpus: str | None = None  # a corpus source (text, JSONL, Parquet, dataset, hf:NAME); None = no evaluation
     eval_steps: int = 500  # evaluate every this many steps (0 = only at start and end)
     eval_instances: int = 512  # instances in the fixed evaluation set
     cache_dir: str = ""  # where the evaluation corpus's token index is kept
+    text_field: str = "text"  # how --eval_corpus is read: as the producer's flags of the same names
+    dataset_split: str = "train"
+    split_sentences: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval_corpus is not None and not Path(self.eval_corpus).is_file():
-            raise ValueError(f"--eval_corpus {self.eval_corpus}: no such file")
+        corpus = self.eval_corpus
+        if corpus is not None and not corpus.startswith("hf:") and not Path(corpus).exists():
+            raise ValueError(f"--eval_corpus {corpus}: no such file")
         if self.eval_steps < 0:
             raise ValueError(f"--eval_steps must be >= 0, got {self.eval_steps}")
         if self.eval_instances < 1:
@@ -334,10 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = p.add_argument_group("held-out evaluation")
     ev.add_argument("--eval_corpus", type=str, default=None,
-                    help="held-out text (corpus format): MLM loss/accuracy and NSP accuracy at start, every --eval_steps, end")
+                    help="held-out text (corpus format; also JSONL, Parquet, datasets): MLM loss/accuracy and "
+                    "NSP accuracy at start, every --eval_steps, end")
     ev.add_argument("--eval_steps", type=int, default=500, help="0 = only at start and end")
     ev.add_argument("--eval_instances", type=int, default=512, help="size of the fixed evaluation set")
     ev.add_argument("--cache_dir", type=str, default=None, help="where the eval corpus's token index is kept")
+    from common.readers import add_source_flags  # stdlib only: the flags are checked before torch is imported
+
+    add_source_flags(ev)
     return p
 
 
@@ -372,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
             distributed=distributed,
             eval=EvalConfig(eval_corpus=args.eval_corpus, eval_steps=args.eval_steps,
                             eval_instances=args.eval_instances,
-                            cache_dir=args.cache_dir or str(default_cache_dir())),
+                            cache_dir=args.cache_dir or str(default_cache_dir()), text_field=args.text_field,
+                            dataset_split=args.dataset_split, split_sentences=args.split_sentences),
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -48,14 +48,16 @@ class EvalResult:
 
 
 def load_eval_index(eval_corpus: str, bert_model: str, do_lower_case: bool, cache_dir: str,
-                    vocab: Vocabulary) -> CorpusIndex:
+                    vocab: Vocabulary, text_field: str = "text", dataset_split: str = "train",
+                    split_sentences: bool = False) -> CorpusIndex:
     """The evaluation corpus's token index (cached like a training corpus's).
 
     Built before the model and the stream start: the index build forks tokenizer workers, which is only
     safe while this process has no other threads.
     """
     corpus = CorpusConfig(train_corpus=(eval_corpus,), bert_model=bert_model, do_lower_case=do_lower_case,
-                          cache_dir=cache_dir)
+                          cache_dir=cache_dir, text_field=text_field, dataset_split=dataset_split,
+                          split_sentences=split_sentences)
     return build_or_load_index(corpus, vocab, num_procs=max(1, min(4, (os.cpu_count() or 1) // 2)))
 
 

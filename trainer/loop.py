@@ -190,7 +190,9 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
     eval_index = None
     if config.eval.eval_corpus is not None and ranks.is_main:  # rank 0 evaluates; the others wait for it
         eval_index = load_eval_index(config.eval.eval_corpus, config.model.bert_model, config.model.do_lower_case,
-                                     config.eval.cache_dir, vocab)
+                                     config.eval.cache_dir, vocab, text_field=config.eval.text_field,
+                                     dataset_split=config.eval.dataset_split,
+                                     split_sentences=config.eval.split_sentences)
 
     checkpoints = Checkpoints(output_dir, train.keep_checkpoints)
     if ranks.is_main:
