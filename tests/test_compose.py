@@ -171,14 +171,19 @@ def test_nothing_configured_trains_the_embedded_default_and_prints_the_heldout_t
 
 
 def test_a_missing_corpus_is_one_line_and_one_exit_for_both_services(tmp_path, image_sample):
-    """CORPUS_DIR names a folder without corpus.txt: each service says so once; nothing restarts or loops."""
+    """CORPUS_DIR names a folder without corpus.txt: each service says so once; nothing restarts or loops.
+
+    The producer starts only once the trainer is done, the worst order: compose starts the trainer first,
+    and a slow producer container may find its run already over (it must still end, not wait forever)."""
     project = Project(tmp_path, image_sample, {**SHORT, "CORPUS_DIR": "/srv/texts"})
-    trainer, producer = project.start("trainer"), project.start("producer")
+    trainer = project.start("trainer")
+    producer = None
     try:
         trainer_status = trainer.wait(timeout=60)
+        producer = project.start("producer")
         producer_status = producer.wait(timeout=60)  # it waits for the trainer's end, then exits too
     finally:
-        stop(trainer, producer)
+        stop(trainer, *([producer] if producer else []))
     missing = project.paths["/data"] / "corpus.txt"
     expected = (f"bertstream-compose: corpus {missing} does not exist (CORPUS_DIR=/srv/texts is mounted at "
                 f"{project.paths['/data']}): put corpus.txt there or set CORPUS to the file's path under /data")

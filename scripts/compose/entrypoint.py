@@ -37,6 +37,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 1, 2, 75, 1
 # Statuses that a restart cannot change: done, bad flags, stopped on request (with or without a checkpoint).
 _FINAL = {EXIT_OK, EXIT_USAGE, EXIT_STOPPED, EXIT_INTERRUPTED}
 _POLL_S = 0.5
+_SAME_RUN_S = 30.0  # a trainer that started this long before a producer belongs to its run (see trainer_finished)
 
 
 def say(message: str) -> None:
@@ -120,12 +121,20 @@ def write_state(path: Path, **state) -> None:
 
 
 def trainer_finished(path: Path, since: float) -> dict | None:
-    """The trainer's final state if it ended after `since` (an older file is an earlier run's), else None."""
+    """The trainer's final state if it belongs to this run, else None.
+
+    The state volume outlives a run, so a file can be an earlier run's. It is this run's if it was written
+    after `since` (this producer's start), or if its trainer started at most _SAME_RUN_S before: compose starts
+    the trainer first, and a trainer that fails at once (a missing corpus) may be done before the producer
+    starts; an earlier run ended at least a whole run ago.
+    """
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return state if state.get("state") == "done" and state.get("time", 0) >= since else None
+    if state.get("state") != "done":
+        return None
+    return state if state.get("time", 0) >= since or state.get("started", 0) >= since - _SAME_RUN_S else None
 
 
 def ranks_status(status_dir: Path, world_size: int) -> int:
@@ -163,7 +172,8 @@ def heldout_table(output_dir: Path) -> str | None:
 
 def run_trainer(args: argparse.Namespace, flags: list[str]) -> int:
     child = Child()
-    write_state(args.state_file, state="running")
+    started = time.time()
+    write_state(args.state_file, state="running", started=started)
     status = EXIT_ERROR
     try:
         train, heldout = resolve_corpus(args)
@@ -204,7 +214,7 @@ def run_trainer(args: argparse.Namespace, flags: list[str]) -> int:
         say(f"trainer finished with status {status}")
         return status
     finally:
-        write_state(args.state_file, state="done", status=status)
+        write_state(args.state_file, state="done", status=status, started=started)
 
 
 def run_producer(args: argparse.Namespace, flags: list[str]) -> int:
