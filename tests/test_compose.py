@@ -29,9 +29,9 @@ from conftest import REPO, free_tcp_endpoint
 SAMPLE = "/opt/bertstream/sample"  # where the Dockerfile bakes the embedded default
 RUN_TIMEOUT_S = 300
 # Only what keeps CI short on two CPU cores; everything else is the compose defaults, nothing configured.
-SHORT = {"PRECISION": "--no_cuda", "MAX_STEPS": "12", "TRAIN_BATCH_SIZE": "8", "MAX_SEQ_LEN": "64",
-         "LOGGING_STEPS": "4", "PRODUCER_WORKERS": "1", "PRODUCER_BATCH_SIZE": "8",
-         "TRAINER_ARGS": "--eval_instances 64"}
+SHORT = {"PRECISION": "--no_cuda", "MAX_STEPS": "6", "TRAIN_BATCH_SIZE": "8", "MAX_SEQ_LEN": "64",
+         "LOGGING_STEPS": "2", "PRODUCER_WORKERS": "1", "PRODUCER_BATCH_SIZE": "8",
+         "TRAINER_ARGS": "--eval_instances 32"}
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
 
 
@@ -159,11 +159,12 @@ def test_nothing_configured_trains_the_embedded_default_and_prints_the_heldout_t
     assert trainer_status == 0, log[-4000:]
     assert producer_status == 0, project.log("producer")[-3000:]
     assert "the image's sample: set CORPUS_DIR for your own corpus" in log
-    table = re.search(r"held-out evaluation +before \(step 0\) +after \(step 12\)\n"
+    table = re.search(r"held-out evaluation +before \(step 0\) +after \(step 6\)\n"
                       r"eval_mlm_accuracy +([\d.]+) +([\d.]+)\neval_mlm_loss +([\d.]+) +([\d.]+)", log)
     assert table, log[-3000:]
+    assert float(table[4]) < float(table[3])  # it trained: the held-out MLM loss fell
     output = project.paths["/output"]
-    assert metrics(output)[-1]["step"] == 12
+    assert metrics(output)[-1]["step"] == 6
     from transformers import AutoTokenizer, BertForPreTraining
 
     BertForPreTraining.from_pretrained(output)
@@ -195,13 +196,12 @@ def test_a_missing_corpus_is_one_line_and_one_exit_for_both_services(tmp_path, i
 
 
 def test_a_crashed_trainer_restarts_and_resumes_while_the_producer_waits(tmp_path, image_sample):
-    project = Project(tmp_path, image_sample, {**SHORT, "MAX_STEPS": "8", "SAVE_STEPS": "2", "LOGGING_STEPS": "2",
+    project = Project(tmp_path, image_sample, {**SHORT, "MAX_STEPS": "10", "SAVE_STEPS": "2",
                                                "TRAINER_ARGS": "--eval_instances 16 --eval_steps 0"})
     trainer, producer = project.start("trainer"), project.start("producer")
     output = project.paths["/output"]
     try:
-        wait_for(lambda: (output / "checkpoints" / "step_00000002").is_dir() and metrics(output)[-1]["step"] >= 4,
-                 trainer, "a checkpoint at step 2 and a record at step 4")
+        wait_for(lambda: (output / "checkpoints" / "step_00000002").is_dir(), trainer, "a checkpoint at step 2")
         (child,) = children(trainer.pid)
         os.kill(child, signal.SIGKILL)  # as the OOM killer would: no checkpoint, no goodbye
         trainer_status = trainer.wait(timeout=RUN_TIMEOUT_S)
@@ -212,8 +212,8 @@ def test_a_crashed_trainer_restarts_and_resumes_while_the_producer_waits(tmp_pat
     assert trainer_status == 0, log[-4000:]
     assert producer_status == 0, project.log("producer")[-3000:]
     assert "the trainer exited 137; restarting it in 5 s (1 of 3): it resumes from its newest checkpoint" in log
-    assert re.search(r"resuming from \S+step_0000000[246]", log), log[-3000:]
-    assert metrics(output)[-1]["step"] == 8
+    assert re.search(r"resuming from \S+step_0000000[2468]", log), log[-3000:]
+    assert metrics(output)[-1]["step"] == 10
     assert project.log("producer").count("bertstream-compose: the producer exited") == 0  # it just waited
 
 
