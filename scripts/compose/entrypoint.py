@@ -90,9 +90,9 @@ class Child:
         self.process: subprocess.Popen | None = None
         self.stop_requested = False
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._forward)
+            signal.signal(sig, self.forward)
 
-    def _forward(self, signum, frame) -> None:
+    def forward(self, signum, frame) -> None:
         self.stop_requested = True
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
@@ -230,8 +230,10 @@ def run_producer(args: argparse.Namespace, flags: list[str]) -> int:
     for attempt in range(args.restarts + 1):
         process = child.start(["bertstream-producer", *flags])
         while process.poll() is None:
-            if trainer_finished(args.state_file, started):
-                child._forward(signal.SIGTERM, None)  # the run is over: end this producer as compose stop would
+            if not child.stop_requested and trainer_finished(args.state_file, started):
+                # The run is over: end this producer as compose stop would, once (a second SIGTERM while
+                # it stops its workers would kill it at once).
+                child.forward(signal.SIGTERM, None)
             time.sleep(_POLL_S)
         status = child.wait()
         if status == EXIT_OK or child.stop_requested or trainer_finished(args.state_file, started):
