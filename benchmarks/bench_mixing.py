@@ -10,6 +10,8 @@ vocabulary (tests/conftest.py) tokenizes it; the statistic does not depend on th
   the mean distinct documents of the micro-batches it hands the loop. With `--shuffle_pairs 0` too (when the
   producer has the flag), so the trainer's pool is measured alone.
 - uniform: the expected distinct documents of 32 rows drawn without replacement from all the epoch's rows.
+- first micro-batch: seconds from the trainer's start() (producer launched just before, index cached) to
+  its first micro-batch: what both buffers add to the time to the first step.
 
 `--sweep` sizes the buffers instead, in one process, on a larger corpus (default 2000 documents): the
 statistic, the memory held and the time before the first message for several producer buffer sizes
@@ -90,7 +92,9 @@ def producer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *
     return {"rows": len(documents), "got": got, "uniform": uniform_distinct(documents)}
 
 
-def trainer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *flags: str) -> dict:
+def trainer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *flags: str,
+                  mix_rows: int | None = None) -> dict:
+    """`mix_rows` None: the trainer's default (`--mix_rows`, where the code has it)."""
     from trainer.source import DataTimeout, StreamSource
 
     endpoint = support.free_endpoint()
@@ -98,7 +102,7 @@ def trainer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *f
     if "mix_rows" in inspect.signature(StreamSource).parameters:
         from common.shuffle import DEFAULT_MIX_ROWS
 
-        kwargs = {"mix_rows": DEFAULT_MIX_ROWS, "mix_seed": (42, 0)}
+        kwargs = {"mix_rows": DEFAULT_MIX_ROWS if mix_rows is None else mix_rows, "mix_seed": (42, 0)}
     source = StreamSource(endpoint, vocab.fingerprint(128), 512, ROWS, pin_memory=False, prefetch_batches=4,
                           max_message_bytes=64 << 20, data_timeout_s=3.0, stop=threading.Event(), **kwargs)
     command = support.producer_command(str(corpus), model, cache, endpoint, "--num_workers", str(workers),
@@ -133,11 +137,15 @@ def figures(args, model: Path) -> None:
     if HAS_SHUFFLE:
         runs.append(("trainer micro-batches", "producer --shuffle_pairs 0",
                      trainer_level(corpus, model, cache, vocab, args.workers, "--shuffle_pairs", "0")))
-    rows = [(level, setting, r["rows"], f"{r['got']:.2f}", f"{r['uniform']:.2f}", f"{r['got'] / r['uniform']:.3f}")
+        runs.append(("trainer micro-batches", "both off (--shuffle_pairs 0, --mix_rows 0)",
+                     trainer_level(corpus, model, cache, vocab, args.workers, "--shuffle_pairs", "0", mix_rows=0)))
+    rows = [(level, setting, r["rows"], f"{r['got']:.2f}", f"{r['uniform']:.2f}", f"{r['got'] / r['uniform']:.3f}",
+             f"{r['first_batch_s']:.2f}" if "first_batch_s" in r else "")
             for level, setting, r in runs]
     print(f"distinct documents per {ROWS}-row micro-batch, {args.documents} documents of {args.sentences} sentences, "
           f"{args.workers} workers, max_seq_len 128 (shuffle buffer in the producer: {HAS_SHUFFLE})")
-    support.report("mixing", rows, ("level", "setting", "rows", "distinct", "uniform", "ratio"),
+    support.report("mixing", rows, ("level", "setting", "rows", "distinct", "uniform", "ratio",
+                                    "first micro-batch, s"),
                    {"target": ">= 0.8 of uniform at both levels", "documents": args.documents,
                     "sentences": args.sentences, "workers": args.workers, "has_shuffle": HAS_SHUFFLE,
                     "runs": [{"level": level, "setting": setting, **r} for level, setting, r in runs]})

@@ -10,10 +10,10 @@ blocks of samples spanning many shards (`shuffle_block_size`, `py1b`/`py1e`), fr
 advance, so here the block is a shuffle buffer in the tf.data manner: `ShuffleBuffer` holds up to `capacity`
 items and, once full, every item pushed in sends out a uniformly random held one.
 
-- Producer (`iter_mixed_batches`): the buffer holds `SegmentPair`s, the untruncated pairs of the chunk loop:
-  token offsets into the memory-mapped index, some 140 bytes each, so a buffer spanning hundreds of
-  documents costs a few MB. Drawn pairs are made into batches (random next segment, truncation, masking) as before.
-  The buffer is drained at each epoch's end (a message carries one epoch, and an epoch stays a function of
+- Producer (`iter_mixed_batches`): the buffer holds `SegmentPair`s, the untruncated pairs of the chunk loop,
+  as rows of an int64 array: token offsets into the memory-mapped index, 56 bytes each, so a buffer spanning
+  hundreds of documents costs about a MB. Drawn pairs are made into batches (random next segment,
+  truncation, masking) as before. The buffer is drained at each epoch's end (a message carries one epoch, and an epoch stays a function of
   (seed, worker, epoch) alone, so a restarted worker regenerates only its current epoch's head to skip it).
 - Trainer (`RowPool`): a fixed pool of rows copied out of received messages; once full, each micro-batch is
   `size` rows drawn at random from it, which mixes workers and producers as well as documents.
@@ -21,62 +21,82 @@ items and, once full, every item pushed in sends out a uniformly random held one
 
 from __future__ import annotations
 
-from typing import Generic, Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from common.config import GenerationConfig
 from common.index import CorpusIndex
-from common.instances import IGNORE_INDEX, Batch, ScalarDraws, SegmentPair, create_pairs_from_document, make_batch
+from common.instances import IGNORE_INDEX, Batch, ScalarDraws, create_pairs_from_document, make_batch, pairs_array
 from common.vocab import Vocabulary
 
 # Sized with `benchmarks/bench_mixing.py --sweep` (2000 documents of 150 sentences, ~37 pairs each; README,
 # "Mixed batches"). Producer: 16384 pairs give 0.99 of a uniform draw's distinct documents per 32 rows of a
-# worker's messages (8192: 0.97, 4096: 0.93), for ~2 MB of pairs (~140 bytes each) and ~0.1 CPU-s of chunk loop
-# before a worker's first message of each epoch.
+# worker's messages (8192: 0.97, 4096: 0.93), for 0.9 MB of pairs (56 bytes each) and ~0.15 CPU-s of chunk
+# loop before a worker's first message of each epoch.
 DEFAULT_SHUFFLE_PAIRS = 16384
 # Trainer: 4096 rows alone lift unshuffled messages of 2 workers to 0.93 (2048: 0.87), for 2 MB at seq 128
 # (467 bytes a row) and 4096 instances of stream before the first step.
 DEFAULT_MIX_ROWS = 4096
 
-T = TypeVar("T")
 
+class ShuffleBuffer:
+    """Up to `capacity` rows (int64, `width` each: a pair as `instances.pairs_array` lays it out); once full,
+    every row pushed in sends out a uniformly random held one (capacity 0: none held).
 
-class ShuffleBuffer(Generic[T]):
-    """Up to `capacity` items; once full, each `push` returns a uniformly random held item (0: no buffering)."""
+    Rows go in and out as arrays (a document's pairs at a time), each step vectorised, and no Python object
+    is kept per pair: a pair costs a fraction of a microsecond and 56 bytes.
+    """
 
-    def __init__(self, capacity: int, rng: np.random.Generator):
+    def __init__(self, capacity: int, rng: np.random.Generator, width: int = 7):
         if capacity < 0:
             raise ValueError(f"shuffle buffer capacity must be >= 0, got {capacity}")
-        self.capacity = capacity
-        self._draws = ScalarDraws(rng)
-        self._items: list[T] = []
+        self.capacity, self._rng = capacity, rng
+        self._rows = np.empty((capacity, width), dtype=np.int64)
+        self.held = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self.held
 
-    def __iter__(self) -> Iterator[T]:
-        """The held items (in no meaningful order), without taking them out."""
-        return iter(self._items)
+    def rows(self) -> np.ndarray:
+        """The held rows (in no meaningful order), a view; they stay held."""
+        return self._rows[: self.held]
 
-    def push(self, item: T) -> T | None:
-        """Hold `item`; return the item it displaces (None while the buffer is filling)."""
-        if len(self._items) < self.capacity:
-            self._items.append(item)
-            return None
-        if not self.capacity:
-            return item
-        slot = self._draws.below(self.capacity)
-        out, self._items[slot] = self._items[slot], item
+    def push(self, rows: np.ndarray) -> np.ndarray:
+        """Hold `rows`, in order; return the rows they displace, in order (none while the buffer fills).
+
+        Row i takes a uniform slot s_i and sends out what s_i holds at that moment, which may be an earlier
+        row of the same push (the same as pushing them one by one, in O(k log k) numpy calls for k rows).
+        """
+        room = min(self.capacity - self.held, len(rows))
+        if room:
+            self._rows[self.held : self.held + room] = rows[:room]
+            self.held += room
+            rows = rows[room:]
+        if not len(rows) or not self.capacity:
+            return rows
+        k = len(rows)
+        slots = (self._rng.random(k) * self.capacity).astype(np.int64)  # floor(u * capacity), u in [0, 1)
+        order = np.argsort(slots, kind="stable")  # by slot, then by arrival
+        by_slot = slots[order]
+        first = np.empty(k, dtype=bool)  # the first row of the push to take its slot
+        first[0] = True
+        np.not_equal(by_slot[1:], by_slot[:-1], out=first[1:])
+        last = np.empty(k, dtype=bool)  # the last one: it stays there
+        last[-1] = True
+        last[:-1] = first[1:]
+        out = np.empty_like(rows)
+        out[order[first]] = self._rows[by_slot[first]]  # what the slot held before this push
+        later = np.flatnonzero(~first)
+        out[order[later]] = rows[order[later - 1]]  # the row of this push that took the slot just before
+        self._rows[by_slot[last]] = rows[order[last]]
         return out
 
-    def drain(self) -> Iterator[T]:
-        """Every held item, in a uniformly random order; the buffer is empty afterwards."""
-        items = self._items
-        while items:
-            slot = self._draws.below(len(items))
-            items[slot], items[-1] = items[-1], items[slot]  # swap-remove: O(1) per item
-            yield items.pop()
+    def drain(self) -> np.ndarray:
+        """Every held row, in a uniformly random order; the buffer is empty afterwards."""
+        out = self._rows[: self.held][self._rng.permutation(self.held)]  # fancy indexing copies
+        self.held = 0
+        return out
 
 
 def shuffle_rng(seed: int, worker: int, epoch: int) -> np.random.Generator:
@@ -85,25 +105,28 @@ def shuffle_rng(seed: int, worker: int, epoch: int) -> np.random.Generator:
 
 
 def iter_mixed_batches(index: CorpusIndex, documents: Iterable[int], config: GenerationConfig, vocab: Vocabulary,
-                       rng: np.random.Generator, batch_size: int,
-                       buffer: ShuffleBuffer[SegmentPair]) -> Iterator[Batch]:
+                       rng: np.random.Generator, batch_size: int, buffer: ShuffleBuffer) -> Iterator[Batch]:
     """Batches of `batch_size` instances of `documents`' pairs drawn through `buffer`, which ends empty.
 
     With a buffer of capacity 0 this is `instances.iter_batches` exactly (same draws, same batches).
     """
     draws = ScalarDraws(rng)
-    ready: list[SegmentPair] = []
+    ready, count = [], 0  # arrays of drawn pairs, and their rows in all
     for doc in documents:
-        for pair in create_pairs_from_document(index, int(doc), config, draws):
-            out = buffer.push(pair)
-            if out is not None:
-                ready.append(out)
-        while len(ready) >= batch_size:
-            yield make_batch(index, ready[:batch_size], config, vocab, rng)
-            del ready[:batch_size]
-    ready += buffer.drain()  # the epoch's end: the last pairs leave in random order, still many documents
-    for start in range(0, len(ready), batch_size):
-        yield make_batch(index, ready[start : start + batch_size], config, vocab, rng)
+        drawn = buffer.push(pairs_array(create_pairs_from_document(index, int(doc), config, draws)))
+        if len(drawn):
+            ready.append(drawn)
+            count += len(drawn)
+        if count >= batch_size:
+            pending = np.concatenate(ready)
+            cut = count - count % batch_size
+            for start in range(0, cut, batch_size):
+                yield make_batch(index, pending[start : start + batch_size], config, vocab, rng)
+            ready, count = [pending[cut:]], count - cut
+    # The epoch's end: the last pairs leave in random order, still spanning many documents.
+    pending = np.concatenate([*ready, buffer.drain()])
+    for start in range(0, len(pending), batch_size):
+        yield make_batch(index, pending[start : start + batch_size], config, vocab, rng)
 
 
 class RowPool:

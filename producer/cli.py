@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (default: never)")
     stream.add_argument("--shuffle_pairs", type=int, default=DEFAULT_SHUFFLE_PAIRS,
                         help="each worker draws what it sends from a shuffle buffer of this many pairs, so a "
-                        "message mixes many documents (~140 bytes a pair; drained at each epoch's end; 0: "
+                        "message mixes many documents (56 bytes a pair; drained at each epoch's end; 0: "
                         "document order) (default %(default)s)")
     stream.add_argument("--hwm_batches", type=int, default=8,
                         help="send high-water mark per endpoint, in batches: a slow or absent trainer blocks "

@@ -30,7 +30,8 @@ import numpy as np
 
 from common.config import GenerationConfig
 from common.index import CorpusIndex, IndexChunk
-from common.instances import ScalarDraws, SegmentPair, create_pairs_from_document, estimate_epoch_instances, make_batch
+from common.instances import (ScalarDraws, SegmentPair, create_pairs_from_document, estimate_epoch_instances,
+                              make_batch, pairs_array)
 from common.progress import log
 from common.shuffle import ShuffleBuffer
 from common.vocab import Vocabulary
@@ -44,6 +45,7 @@ EARLY_MAX_CHARS = 16 << 20  # text whose tokens the early stream keeps (about 8 
 # trainer's pool mixes further), fill from the first 1 MB piece of the build (~2000 pairs), so the first batch
 # waits for no second piece, and drain in a few messages when the build ends.
 EARLY_SHUFFLE_PAIRS = 1024
+DOCUMENT = SegmentPair._fields.index("document")  # the column of a pair's document in pairs_array
 
 
 class EarlyStream:
@@ -156,7 +158,7 @@ class EarlyStream:
         fingerprint = self.vocab.fingerprint(self.generation.max_seq_len)
         batch_size = self.stream.batch_size
         index, indexed_chunks, epoch_instances, sequence = None, 0, 0, 0
-        pending: list[SegmentPair] = []  # drawn from the buffer, not sent yet
+        pending = pairs_array([])  # (pairs, 7): drawn from the buffer, not sent yet
         document = 0  # the next document to generate
         try:
             while True:
@@ -171,26 +173,24 @@ class EarlyStream:
                             counted = estimate_epoch_instances(index, self.generation, self.vocab, self.seed)
                             epoch_instances = max(1, round(counted * self._total_bytes
                                                            / max(self._chunks[-1].text_chars, 1)))
-                for pair in create_pairs_from_document(index, document, self.generation, draws):
-                    out = buffer.push(pair)
-                    if out is not None:
-                        pending.append(out)
+                drawn = buffer.push(pairs_array(create_pairs_from_document(index, document, self.generation, draws)))
+                pending = np.concatenate([pending, drawn])
                 document += 1
                 while len(pending) >= batch_size:
                     sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
                                           sequence)
-                    del pending[:batch_size]
+                    pending = pending[batch_size:]
             if not self._aborted.is_set():  # the documents begun are sent whole
-                pending += buffer.drain()
-                while pending:
+                pending = np.concatenate([pending, buffer.drain()])
+                while len(pending):
                     sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
                                           sequence)
-                    del pending[:batch_size]
+                    pending = pending[batch_size:]
         finally:  # a send given up (Stopped) leaves every document with an unsent pair to the workers, whole
-            unsent = [pair.document for pair in pending] + [pair.document for pair in buffer]
-            self.documents_sent = min(unsent) if unsent else document
+            unsent = np.concatenate([pending[:, DOCUMENT], buffer.rows()[:, DOCUMENT]])
+            self.documents_sent = int(unsent.min()) if len(unsent) else document
 
-    def _send(self, sender: Sender, index: CorpusIndex, pairs: list[SegmentPair], rng: np.random.Generator,
+    def _send(self, sender: Sender, index: CorpusIndex, pairs: np.ndarray, rng: np.random.Generator,
               fingerprint, epoch_instances: int, sequence: int) -> int:
         batch = make_batch(index, pairs, self.generation, self.vocab, rng)
         sender.send(encode(Header(self.producer_id, self.worker, 0, sequence, epoch_instances, fingerprint), batch))

@@ -142,9 +142,10 @@ def test_worker_buffer_keeps_every_epoch_whole_and_to_itself(index, vocab):
 
 def test_shuffle_buffer_is_a_seeded_permutation():
     def run(seed: int, capacity: int) -> list[int]:
-        buffer = ShuffleBuffer(capacity, np.random.default_rng(seed))
-        out = [x for x in (buffer.push(i) for i in range(1000)) if x is not None]
-        return out + list(buffer.drain())
+        buffer = ShuffleBuffer(capacity, np.random.default_rng(seed), width=1)
+        items = np.arange(1000).reshape(-1, 1)
+        out = [buffer.push(items[start : start + 7]) for start in range(0, 1000, 7)]
+        return np.concatenate([*out, buffer.drain()])[:, 0].tolist()
 
     assert run(1, 100) == run(1, 100)
     assert run(1, 100) != run(2, 100)
