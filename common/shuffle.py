@@ -108,12 +108,19 @@ def iter_mixed_batches(index: CorpusIndex, documents: Iterable[int], config: Gen
                        rng: np.random.Generator, batch_size: int, buffer: ShuffleBuffer) -> Iterator[Batch]:
     """Batches of `batch_size` instances of `documents`' pairs drawn through `buffer`, which ends empty.
 
-    With a buffer of capacity 0 this is `instances.iter_batches` exactly (same draws, same batches).
+    Pairs go into the buffer `batch_size` at a time, not a document at a time: a push costs a dozen numpy
+    calls whatever its size, and a short document has only a few pairs. With a buffer of capacity 0 the pairs
+    keep document order.
     """
     draws = ScalarDraws(rng)
-    ready, count = [], 0  # arrays of drawn pairs, and their rows in all
+    incoming: list = []  # SegmentPairs not pushed yet
+    ready, count = [], 0  # arrays of pairs drawn from the buffer, and their rows in all
     for doc in documents:
-        drawn = buffer.push(pairs_array(create_pairs_from_document(index, int(doc), config, draws)))
+        incoming += create_pairs_from_document(index, int(doc), config, draws)
+        if len(incoming) < batch_size:
+            continue
+        drawn = buffer.push(pairs_array(incoming))
+        incoming = []
         if len(drawn):
             ready.append(drawn)
             count += len(drawn)
@@ -124,7 +131,7 @@ def iter_mixed_batches(index: CorpusIndex, documents: Iterable[int], config: Gen
                 yield make_batch(index, pending[start : start + batch_size], config, vocab, rng)
             ready, count = [pending[cut:]], count - cut
     # The epoch's end: the last pairs leave in random order, still spanning many documents.
-    pending = np.concatenate([*ready, buffer.drain()])
+    pending = np.concatenate([*ready, buffer.push(pairs_array(incoming)), buffer.drain()])
     for start in range(0, len(pending), batch_size):
         yield make_batch(index, pending[start : start + batch_size], config, vocab, rng)
 

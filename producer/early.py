@@ -159,6 +159,7 @@ class EarlyStream:
         batch_size = self.stream.batch_size
         index, indexed_chunks, epoch_instances, sequence = None, 0, 0, 0
         pending = pairs_array([])  # (pairs, 7): drawn from the buffer, not sent yet
+        incoming: list[SegmentPair] = []  # generated, not pushed into the buffer yet
         document = 0  # the next document to generate
         try:
             while True:
@@ -173,21 +174,25 @@ class EarlyStream:
                             counted = estimate_epoch_instances(index, self.generation, self.vocab, self.seed)
                             epoch_instances = max(1, round(counted * self._total_bytes
                                                            / max(self._chunks[-1].text_chars, 1)))
-                drawn = buffer.push(pairs_array(create_pairs_from_document(index, document, self.generation, draws)))
-                pending = np.concatenate([pending, drawn])
+                incoming += create_pairs_from_document(index, document, self.generation, draws)
+                if len(incoming) >= batch_size:  # a push costs the same for a few pairs or many
+                    pending = np.concatenate([pending, buffer.push(pairs_array(incoming))])
+                    incoming = []
                 document += 1
                 while len(pending) >= batch_size:
                     sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
                                           sequence)
                     pending = pending[batch_size:]
             if not self._aborted.is_set():  # the documents begun are sent whole
-                pending = np.concatenate([pending, buffer.drain()])
+                pending = np.concatenate([pending, buffer.push(pairs_array(incoming)), buffer.drain()])
+                incoming = []
                 while len(pending):
                     sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
                                           sequence)
                     pending = pending[batch_size:]
         finally:  # a send given up (Stopped) leaves every document with an unsent pair to the workers, whole
-            unsent = np.concatenate([pending[:, DOCUMENT], buffer.rows()[:, DOCUMENT]])
+            unsent = np.concatenate([pending[:, DOCUMENT], buffer.rows()[:, DOCUMENT],
+                                     pairs_array(incoming)[:, DOCUMENT]])
             self.documents_sent = int(unsent.min()) if len(unsent) else document
 
     def _send(self, sender: Sender, index: CorpusIndex, pairs: np.ndarray, rng: np.random.Generator,
