@@ -51,8 +51,9 @@ def find_bible_program() -> str:
     return path
 
 
-def source_documents() -> list[list[str]]:
-    """The KJV text as documents (one per chapter), each a list of sentences."""
+def source_documents(by: str = "chapter") -> list[list[str]]:
+    """The KJV text as documents (one per chapter, or with `by="book"` one per book: 66 long documents, as
+    benchmarks/bench_learning.py uses), each a list of sentences."""
     # -f turns pretty-printing off: one verse a line, each prefixed with its reference.
     dump = subprocess.run([find_bible_program(), "-f", "Gen1:1-Rev22:21"], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, check=True).stdout
@@ -63,6 +64,11 @@ def source_documents() -> list[list[str]]:
             chapters.setdefault((m.group(1), m.group(2)), []).append(m.group(4).strip())
     if len(chapters) < 1000:
         raise RuntimeError(f"expected the whole KJV (1,189 chapters) from `bible`, parsed {len(chapters)}")
+    if by == "book":
+        books: dict[str, list[str]] = {}
+        for (book, _), verses in chapters.items():
+            books.setdefault(book, []).extend(verses)
+        chapters = books
     # Verses are not sentences: a verse may hold several, and a sentence may run over two verses.
     return [[s for s in SENTENCE_END.split(" ".join(verses)) if s] for verses in chapters.values()]
 

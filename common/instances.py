@@ -333,11 +333,18 @@ def create_pairs_from_document(index: CorpusIndex, doc: int, config: GenerationC
     return pairs
 
 
-def make_batch(index: CorpusIndex, pairs: list[SegmentPair], config: GenerationConfig, vocab: Vocabulary,
-               rng: np.random.Generator) -> Batch:
-    """`[CLS] A [SEP] B [SEP]` for each pair, truncated, padded to max_seq_len and masked."""
-    a0, a1, b0, b1, random_next, b_targets, documents = np.fromiter(
-        chain.from_iterable(pairs), dtype=np.int64, count=7 * len(pairs)).reshape(len(pairs), 7).T
+def pairs_array(pairs: list[SegmentPair]) -> np.ndarray:
+    """(pairs, 7) int64: a SegmentPair a row, its fields in order (how common.shuffle holds them)."""
+    return np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=7 * len(pairs)).reshape(len(pairs), 7)
+
+
+def make_batch(index: CorpusIndex, pairs: list[SegmentPair] | np.ndarray, config: GenerationConfig,
+               vocab: Vocabulary, rng: np.random.Generator) -> Batch:
+    """`[CLS] A [SEP] B [SEP]` for each pair (SegmentPairs, or the rows of `pairs_array`), truncated, padded to
+    max_seq_len and masked."""
+    if not isinstance(pairs, np.ndarray):
+        pairs = pairs_array(pairs)
+    a0, a1, b0, b1, random_next, b_targets, documents = pairs.T.copy()  # a copy: the caller's rows stay as they are
     drawn = random_next.astype(bool)
     b0[drawn], b1[drawn] = random_segments(index, documents[drawn], b_targets[drawn], rng)
     a0, a1, b0, b1 = truncate_pairs(a0, a1, b0, b1, config.max_num_tokens, rng)

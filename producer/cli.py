@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common import readers, security
 from common.config import CorpusConfig, GenerationConfig
+from common.shuffle import DEFAULT_SHUFFLE_PAIRS
 from common.vocab import default_cache_dir, model_max_positions
 from common.wire import MAX_BATCH
 
@@ -74,6 +75,7 @@ class StreamConfig:
     trainer_gone_timeout_s: float  # exit 0 once every endpoint has been disconnected this long; 0 = never
     curve_secret_key: str | None = None  # this producer's NAME.key_secret: CURVE encryption and authentication
     curve_server_key: str | None = None  # the trainer's public NAME.key (set together with curve_secret_key)
+    shuffle_pairs: int = DEFAULT_SHUFFLE_PAIRS  # each worker's shuffle buffer, in pairs (common.shuffle); 0 = off
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -84,6 +86,8 @@ class StreamConfig:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         if self.hwm_batches < 1:
             raise ValueError(f"hwm_batches must be at least 1, got {self.hwm_batches}")
+        if self.shuffle_pairs < 0:
+            raise ValueError(f"shuffle_pairs must be 0 (off) or more, got {self.shuffle_pairs}")
         if self.linger_ms < 0:
             raise ValueError(f"linger_ms must be 0 or more, got {self.linger_ms}")
         if self.trainer_gone_timeout_s < 0:
@@ -175,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instances per message (default %(default)s); the trainer re-slices them into its own "
                         "micro-batches, so this only trades per-message overhead for latency")
     stream.add_argument("--epochs", type=int, default=None, help="stop after this many epochs (default: never)")
+    stream.add_argument("--shuffle_pairs", type=int, default=DEFAULT_SHUFFLE_PAIRS,
+                        help="each worker draws what it sends from a shuffle buffer of this many pairs, so a "
+                        "message mixes many documents (56 bytes a pair; drained at each epoch's end; 0: "
+                        "document order) (default %(default)s)")
     stream.add_argument("--hwm_batches", type=int, default=8,
                         help="send high-water mark per endpoint, in batches: a slow or absent trainer blocks "
                         "the workers there, so memory stays bounded (default %(default)s)")
@@ -236,6 +244,7 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
                 batch_size=args.batch_size, epochs=args.epochs, hwm_batches=args.hwm_batches,
                 linger_ms=args.linger_ms, trainer_gone_timeout_s=args.trainer_gone_timeout_s,
                 curve_secret_key=args.curve_secret_key, curve_server_key=args.curve_server_key,
+                shuffle_pairs=args.shuffle_pairs,
             )
         else:
             dump = DumpConfig(

@@ -10,6 +10,11 @@ corpus. When the build is done, `finish()` sends what is left of the documents b
 documents it has sent; the workers then generate epoch 0 from every other document (shuffled as always), so
 epoch 0 still visits each document once. Every later epoch, and the dump mode, are exactly DESIGN.md's.
 
+Like a worker, the early stream sends its pairs through a shuffle buffer (common.shuffle), but a smaller one
+(at most EARLY_SHUFFLE_PAIRS): whatever it holds when the build ends must still reach the trainer within
+`finish()`'s deadline. A send given up there leaves the documents with unsent pairs to the workers, whole,
+so some of their instances may go out twice.
+
 Epoch 0 of a cold start is not reproducible from --seed (where the early stream stops depends on timing);
 the epochs after it are. The early stream holds at most EARLY_MAX_CHARS of text's tokens in memory; if the
 trainer takes them all before the build ends, it waits for the workers.
@@ -25,8 +30,10 @@ import numpy as np
 
 from common.config import GenerationConfig
 from common.index import CorpusIndex, IndexChunk
-from common.instances import ScalarDraws, SegmentPair, create_pairs_from_document, estimate_epoch_instances, make_batch
+from common.instances import (ScalarDraws, SegmentPair, create_pairs_from_document, estimate_epoch_instances,
+                              make_batch, pairs_array)
 from common.progress import log
+from common.shuffle import ShuffleBuffer
 from common.vocab import Vocabulary
 from common.wire import Header, encode
 from producer.cli import StreamConfig
@@ -34,6 +41,11 @@ from producer.worker import Sender, Stopped
 
 EARLY_MIN_BYTES = 8 << 20  # smaller corpora are indexed in about a second: not worth a second kind of epoch 0
 EARLY_MAX_CHARS = 16 << 20  # text whose tokens the early stream keeps (about 8 MB of ids)
+# 1024 pairs mix 0.77 of a uniform draw's documents per 32 rows (benchmarks/bench_mixing.py --sweep; the
+# trainer's pool mixes further), fill from the first 1 MB piece of the build (~2000 pairs), so the first batch
+# waits for no second piece, and drain in a few messages when the build ends.
+EARLY_SHUFFLE_PAIRS = 1024
+DOCUMENT = SegmentPair._fields.index("document")  # the column of a pair's document in pairs_array
 
 
 class EarlyStream:
@@ -141,11 +153,13 @@ class EarlyStream:
     def _generate(self, sender: Sender) -> None:
         rng = np.random.default_rng([self.seed, 0xEA71])
         draws = ScalarDraws(rng)
+        buffer = ShuffleBuffer(min(self.stream.shuffle_pairs, EARLY_SHUFFLE_PAIRS),
+                               np.random.default_rng([self.seed, 0xEA71, 0x5B0F]))
         fingerprint = self.vocab.fingerprint(self.generation.max_seq_len)
         batch_size = self.stream.batch_size
         index, indexed_chunks, epoch_instances, sequence = None, 0, 0, 0
-        pending: list[SegmentPair] = []
-        pending_documents: list[int] = []  # the document of each pair not sent yet
+        pending = pairs_array([])  # (pairs, 7): drawn from the buffer, not sent yet
+        incoming: list[SegmentPair] = []  # generated, not pushed into the buffer yet
         document = 0  # the next document to generate
         try:
             while True:
@@ -160,21 +174,28 @@ class EarlyStream:
                             counted = estimate_epoch_instances(index, self.generation, self.vocab, self.seed)
                             epoch_instances = max(1, round(counted * self._total_bytes
                                                            / max(self._chunks[-1].text_chars, 1)))
-                pairs = create_pairs_from_document(index, document, self.generation, draws)
-                pending += pairs
-                pending_documents += [document] * len(pairs)
+                incoming += create_pairs_from_document(index, document, self.generation, draws)
+                if len(incoming) >= batch_size:  # a push costs the same for a few pairs or many
+                    pending = np.concatenate([pending, buffer.push(pairs_array(incoming))])
+                    incoming = []
                 document += 1
                 while len(pending) >= batch_size:
                     sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
                                           sequence)
-                    del pending[:batch_size], pending_documents[:batch_size]
-            if pending and not self._aborted.is_set():  # the documents begun are sent whole
-                self._send(sender, index, pending, rng, fingerprint, epoch_instances, sequence)
-                pending_documents = []
-        finally:  # a send given up (Stopped) leaves its documents to the workers, whole
-            self.documents_sent = pending_documents[0] if pending_documents else document
+                    pending = pending[batch_size:]
+            if not self._aborted.is_set():  # the documents begun are sent whole
+                pending = np.concatenate([pending, buffer.push(pairs_array(incoming)), buffer.drain()])
+                incoming = []
+                while len(pending):
+                    sequence = self._send(sender, index, pending[:batch_size], rng, fingerprint, epoch_instances,
+                                          sequence)
+                    pending = pending[batch_size:]
+        finally:  # a send given up (Stopped) leaves every document with an unsent pair to the workers, whole
+            unsent = np.concatenate([pending[:, DOCUMENT], buffer.rows()[:, DOCUMENT],
+                                     pairs_array(incoming)[:, DOCUMENT]])
+            self.documents_sent = int(unsent.min()) if len(unsent) else document
 
-    def _send(self, sender: Sender, index: CorpusIndex, pairs: list[SegmentPair], rng: np.random.Generator,
+    def _send(self, sender: Sender, index: CorpusIndex, pairs: np.ndarray, rng: np.random.Generator,
               fingerprint, epoch_instances: int, sequence: int) -> int:
         batch = make_batch(index, pairs, self.generation, self.vocab, rng)
         sender.send(encode(Header(self.producer_id, self.worker, 0, sequence, epoch_instances, fingerprint), batch))

@@ -32,7 +32,8 @@ from common import security, seedformat
 from common.blend import Blend
 from common.config import GenerationConfig
 from common.index import CorpusIndex
-from common.instances import Batch, TrainingInstance, iter_batches, iter_instances, worker_documents, worker_rng
+from common.instances import Batch, TrainingInstance, iter_instances, worker_documents, worker_rng
+from common.shuffle import DEFAULT_SHUFFLE_PAIRS, ShuffleBuffer, iter_mixed_batches, shuffle_rng
 from common.vocab import Vocabulary
 from common.wire import Header, encode
 from producer.cli import DumpConfig, StreamConfig
@@ -106,21 +107,27 @@ def iter_shard(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabula
 
 def iter_worker_batches(index: CorpusIndex, generation: GenerationConfig, vocab: Vocabulary, seed: int, worker: int,
                         num_workers: int, batch_size: int, first_epoch: int = 0, epochs: int | None = None,
-                        early_documents: int = 0, blend: Blend | None = None) -> Iterator[tuple[int, Batch]]:
+                        early_documents: int = 0, blend: Blend | None = None,
+                        shuffle_pairs: int = DEFAULT_SHUFFLE_PAIRS) -> Iterator[tuple[int, Batch]]:
     """(epoch, batch) per message, epochs `first_epoch` up to `epochs` (None: forever).
 
+    The pairs go through a shuffle buffer of `shuffle_pairs` (common.shuffle) before they are made into
+    batches, so a message mixes many documents instead of following one; the buffer is drained at each
+    epoch's end, so an epoch depends only on (seed, worker, epoch) and a restart regenerates just its head.
     Batches are generated whole (pairs, then truncation and masking on the batch's arrays) in blocks of at
     least GENERATION_ROWS instances, and messages are rows of them, so they go to the wire as they are. A batch
     never spans two epochs (the header carries one epoch), so each epoch's last batch of a worker may be
-    short. The stream depends on the batch size as well as the seed and the worker count (masking draws per
-    block). Epoch 0 leaves out the documents a cold start's early stream sent (producer.early).
+    short. The stream depends on the batch size and the buffer's size as well as the seed and the worker count
+    (masking draws per block). Epoch 0 leaves out the documents a cold start's early stream sent (producer.early).
     """
     # Small messages are cut from larger generated batches: masking costs about the same per batch of 8 or 128.
     block = batch_size * -(-GENERATION_ROWS // batch_size)
     for epoch in count(first_epoch) if epochs is None else range(first_epoch, epochs):
         documents = worker_documents(index.num_documents, seed, epoch, worker, num_workers,
                                      early_documents if epoch == 0 else 0, blend)
-        for generated in iter_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch), block):
+        buffer = ShuffleBuffer(shuffle_pairs, shuffle_rng(seed, worker, epoch))
+        for generated in iter_mixed_batches(index, documents, generation, vocab, worker_rng(seed, worker, epoch),
+                                            block, buffer):
             for start in range(0, generated.size, batch_size):
                 yield epoch, generated.rows(start, start + batch_size)
 
@@ -284,7 +291,8 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
     sender = Sender(stream, guard, while_blocked)
     try:
         batches = iter_worker_batches(job.index, job.generation, job.vocab, job.seed, job.worker, job.num_workers,
-                                      stream.batch_size, resume.epoch, stream.epochs, job.early_documents, job.blend)
+                                      stream.batch_size, resume.epoch, stream.epochs, job.early_documents, job.blend,
+                                      stream.shuffle_pairs)
         for epoch, batch in batches:
             if epoch != progress.epoch:
                 progress.epoch, progress.epoch_first_sequence = epoch, sequence

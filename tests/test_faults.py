@@ -482,17 +482,20 @@ def test_bad_messages_at_a_real_trainer_are_rejected_and_training_is_unaffected(
     bad = bad_messages(valid[1], len(tiny_vocab()))
     limit = 64 << 10  # --max_message_bytes, and so the trainer socket's ZMQ_MAXMSGSIZE
 
-    # The reference: the same trainer, in this process, fed only the valid messages.
+    # The reference: the same trainer, in this process, fed only the valid messages. --mix_rows 0 in both runs:
+    # micro-batches in arrival order, so the valid messages train the same way however the bad ones are timed
+    # (the mixing pool's draws depend on when the stream pauses).
     reference, endpoint = tmp_path / "reference", free_tcp_endpoint()
     sender = Sender(endpoint, valid, reference)
     sender.start()
     assert trainer_main(trainer_flags(tiny_model_dir, reference, "--bind", endpoint, "--max_steps", str(len(valid)),
-                                      "--data_timeout", str(TIMEOUT_S))) == EXIT_OK
+                                      "--data_timeout", str(TIMEOUT_S), "--mix_rows", "0")) == EXIT_OK
     sender.join(TIMEOUT_S)
 
     out, endpoint, log_path = tmp_path / "out", free_tcp_endpoint(), tmp_path / "trainer.log"
     trainer = start_trainer(trainer_flags(tiny_model_dir, out, "--bind", endpoint, "--max_steps", str(len(valid)),
-                                          "--max_message_bytes", str(limit), "--data_timeout", str(TIMEOUT_S)),
+                                          "--max_message_bytes", str(limit), "--data_timeout", str(TIMEOUT_S),
+                                          "--mix_rows", "0"),
                             log_path)
     context = zmq.Context()
     try:

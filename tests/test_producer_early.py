@@ -61,8 +61,9 @@ def setup(tiny_model_dir, tmp_path, endpoint, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.txt", num_documents=NUM_DOCUMENTS, sentences_per_document=8)
     vocab = Vocabulary.from_tokenizer(load_tokenizer(tiny_model_dir, True), True)
     config = CorpusConfig((str(corpus),), str(tiny_model_dir), True, str(tmp_path / "cache"))
+    # shuffle_pairs 8: the early stream's buffer fills from the first pieces of this small build.
     stream = StreamConfig(endpoints=(endpoint,), batch_size=4, epochs=None, hwm_batches=2, linger_ms=1000,
-                          trainer_gone_timeout_s=0.0)
+                          trainer_gone_timeout_s=0.0, shuffle_pairs=8)
     return vocab, config, stream
 
 
@@ -96,13 +97,14 @@ def test_early_stream_and_workers_source_every_document_of_epoch_0_exactly_once(
     assert index.num_documents == NUM_DOCUMENTS
     assert 1 <= sent <= early.documents_held < NUM_DOCUMENTS, (sent, early.documents_held)
     # The early stream's messages: epoch 0, its own worker id, consecutive sequence numbers, the documents
-    # [0, sent) in corpus order, each with all of its instances (its last message may be short).
+    # [0, sent), each with all of its instances (its last message may be short), mixed by its shuffle buffer
+    # rather than in corpus order.
     messages = receiver.messages
     assert messages and {(m.header.epoch, m.header.worker) for m in messages} == {(0, 2)}
     assert [m.header.sequence for m in messages] == list(range(len(messages)))
     assert all(m.header.epoch_instances > 0 for m in messages)
     early_documents = [d for m in messages for d in source_documents(m.batch, vocab)]
-    assert early_documents == sorted(early_documents)
+    assert early_documents != sorted(early_documents), "the early stream sent its documents in corpus order"
     assert set(early_documents) == set(range(sent))
     assert len(early_documents) == early.instances_sent
 

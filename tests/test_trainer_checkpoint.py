@@ -44,8 +44,10 @@ def stream_run(model: Path, out: Path, frames: list[bytes], *, signal_at_step: i
     endpoint = free_tcp_endpoint()
     sender = Sender(endpoint, frames, out, signal_at_step)
     sender.start()
+    # --mix_rows 0: micro-batches in arrival order, so a run split at a message boundary can equal one straight
+    # through (the mixing pool draws across the split, and its rows are not part of a checkpoint).
     flags = trainer_flags(model, out, "--bind", endpoint, "--max_steps", str(2 * N), "--gradient_accumulation_steps",
-                          "2", "--save_steps", "0", "--data_timeout", str(TIMEOUT_S))
+                          "2", "--save_steps", "0", "--data_timeout", str(TIMEOUT_S), "--mix_rows", "0")
     try:
         return main(flags)
     finally:

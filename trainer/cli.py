@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common import security
 from common.progress import log, setup_logging
+from common.shuffle import DEFAULT_MIX_ROWS
 from common.wire import DEFAULT_MAX_MESSAGE_BYTES
 from trainer import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
 
@@ -47,6 +48,7 @@ class SourceConfig:
     bind: str = DEFAULT_BIND  # stream: the PULL socket's endpoint (producers connect here)
     data_timeout_s: float = 0.0  # stream: error after this long without a batch; 0 waits forever
     prefetch_batches: int = 4  # stream: decoded micro-batches held ready ahead of the loop
+    mix_rows: int = DEFAULT_MIX_ROWS  # stream: rows pooled from received messages, micro-batches drawn at random
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # stream: larger messages are rejected unread
     curve_secret_key: str | None = None  # stream: the trainer's NAME.key_secret; turns CURVE on
     curve_authorized_keys: str | None = None  # stream: folder of the producers' public NAME.key files
@@ -60,6 +62,8 @@ class SourceConfig:
             raise ValueError(f"--data_timeout must be >= 0 seconds (0 = wait forever), got {self.data_timeout_s}")
         if self.prefetch_batches < 1:
             raise ValueError(f"--prefetch_batches must be >= 1, got {self.prefetch_batches}")
+        if self.mix_rows < 0:
+            raise ValueError(f"--mix_rows must be >= 0 (0 = arrival order), got {self.mix_rows}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"--max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         security.both_or_neither(("--curve_secret_key", self.curve_secret_key),
@@ -309,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds without a batch before giving up (0 = wait forever)")
     stream.add_argument("--prefetch_batches", type=int, default=4,
                         help="decoded micro-batches held ready ahead of the training loop")
+    stream.add_argument("--mix_rows", type=int, default=DEFAULT_MIX_ROWS,
+                        help="rows pooled from the received messages; each micro-batch is drawn at random from "
+                        "the pool (seeded by --seed and the rank), so it mixes documents, workers and producers; "
+                        "raised to the micro-batch if smaller; 0: arrival order (default %(default)s)")
     stream.add_argument("--max_message_bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                         help="larger frames are dropped unread (ZMQ_MAXMSGSIZE and the decoder's limit)")
     stream.add_argument("--curve_secret_key", type=str, default=None, metavar="FILE",
@@ -368,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
                 pregenerated_data=args.pregenerated_data, reduce_memory=args.reduce_memory,
                 bind=args.bind or DEFAULT_BIND, data_timeout_s=args.data_timeout,
                 prefetch_batches=args.prefetch_batches, max_message_bytes=args.max_message_bytes,
-                curve_secret_key=args.curve_secret_key, curve_authorized_keys=args.curve_authorized_keys),
+                mix_rows=args.mix_rows, curve_secret_key=args.curve_secret_key, curve_authorized_keys=args.curve_authorized_keys),
             train=TrainConfig(
                 output_dir=args.output_dir, epochs=args.epochs, max_steps=args.max_steps,
                 train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -125,7 +125,7 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
                         train.micro_batch_size, pin_memory=runtime.pin_memory,
                         prefetch_batches=config.prefetch_batches, max_message_bytes=config.max_message_bytes,
                         data_timeout_s=config.data_timeout_s, stop=stop, curve=config.curve_keys(),
-                        connect_hint=hint)
+                        connect_hint=hint, mix_rows=config.mix_rows, mix_seed=(train.seed, place.rank))
 
 
 def plan_steps(train: TrainConfig, source) -> int:

@@ -3,8 +3,8 @@
 Every source cuts what it receives into micro-batches of exactly the trainer's size (a producer's
 `--batch_size` never changes the training semantics) and hands them out as CPU tensors, pinned when training
 on CUDA so the copy to the device can overlap compute. The stream source does its receiving, decoding,
-validating and tensor-making on a background thread behind a small bounded queue, so the loop only waits
-when the producers are truly behind.
+validating, mixing (a pool of rows across messages, `common.shuffle.RowPool`) and tensor-making on a
+background thread behind a small bounded queue, so the loop only waits when the producers are truly behind.
 
 The interface every source keeps (the pregenerated source in `trainer.pregenerated` too):
 `start()` (blocks until the first batch is there, so `max_seq_len` is known), `next_batch()`,
@@ -24,6 +24,7 @@ import torch
 
 from common import security
 from common.instances import IGNORE_INDEX, Batch
+from common.shuffle import RowPool
 from common.progress import log
 from common.vocab import Fingerprint
 from common.wire import WireError, decode
@@ -33,6 +34,9 @@ from trainer.model import TensorBatch
 WAIT_NOTE_S = 5.0  # how often "waiting for data" is said while the queue is empty
 REJECT_NOTE_S = 5.0  # rejected messages are reported at most this often
 NOTED_PRODUCERS = 1024  # distinct producer ids logged on their first batch (a bound against a flood of ids)
+# With no message for this long, the mixing pool tops up the loop's queue from what it holds rather than let
+# the GPU wait for it to fill (a slow start, the end of a finite stream): mixing never costs a stall.
+MIX_IDLE_S = 0.5
 
 
 def _is_local(endpoint: str) -> bool:
@@ -182,7 +186,8 @@ class StreamSource:
 
     def __init__(self, bind: str, expected: Fingerprint, max_positions: int, micro_batch_size: int, *,
                  pin_memory: bool, prefetch_batches: int, max_message_bytes: int, data_timeout_s: float,
-                 stop: threading.Event, curve: security.ServerKeys | None = None, connect_hint: str | None = None):
+                 stop: threading.Event, curve: security.ServerKeys | None = None, connect_hint: str | None = None,
+                 mix_rows: int = 0, mix_seed: Sequence[int] = (0,)):
         self.bind = bind
         self._connect_hint = connect_hint or f"--connect {bind}"  # how producers reach us, for the timeout message
         self._curve_keys = curve  # None: no encryption, anyone who reaches the endpoint may send
@@ -190,6 +195,10 @@ class StreamSource:
         self._expected = expected
         self._max_positions = max_positions
         self._micro = micro_batch_size
+        # Micro-batches are drawn from a pool of received rows (common.shuffle.RowPool): arrival order follows
+        # one worker's documents at a time. Seeded from the trainer's --seed and rank.
+        self._mix_rows = max(mix_rows, micro_batch_size) if mix_rows else 0
+        self._mix_seed = [*mix_seed, 0x4A1]
         self._pin = pin_memory
         self._max_bytes = max_message_bytes
         self._timeout_s = data_timeout_s
@@ -306,17 +315,24 @@ class StreamSource:
     def _receive_loop(self) -> None:
         try:
             reslicer = Reslicer(self._micro)
+            pool = RowPool(self._mix_rows, self._micro, np.random.default_rng(self._mix_seed))
+            last_message = time.monotonic()
             while not self._closing.is_set():
                 if self._curve is not None:
                     self._curve.note_failed_handshakes()
                 if not self._socket.poll(100):
+                    if time.monotonic() - last_message >= MIX_IDLE_S:
+                        while pool.held >= self._micro and not self._queue.full():
+                            self._put(to_tensors(pool.draw(), self._pin))
                     continue
+                last_message = time.monotonic()
                 frame = self._socket.recv(copy=False)
                 batch = self._accept(frame)
                 if batch is None:
                     continue
-                for micro in reslicer.push(batch):
-                    self._put(to_tensors(micro, self._pin))
+                for mixed in pool.push(batch):
+                    for micro in reslicer.push(mixed):
+                        self._put(to_tensors(micro, self._pin))
         except BaseException as exc:  # re-raised in the loop's thread by _wait
             self._error = exc
 
