@@ -282,7 +282,8 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
             if sequence < resume.skip_until:  # sent by the process this one replaces: regenerated, not sent
                 sequence += 1
                 continue
-            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint)
+            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint,
+                            seed=job.seed)
             sender.send(encode(header, batch))
             sequence += 1
             sent.value = sequence
