@@ -105,7 +105,7 @@ class _HubSnapshot:
 
         if not self.missing_locally:
             return "in the hub repository"
-        held = f", which holds {self.folder}" if self.folder is not None else ""
+        held = f" (snapshot {self.folder})" if self.folder is not None else ""
         why = ("downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)" if constants.is_offline_mode()
                else "the hub cannot be reached")
         return f"in the hub cache {constants.HF_HUB_CACHE}{held}, and {why}"

@@ -106,4 +106,4 @@ def test_the_trainer_names_two_producers_that_send_the_same_seed(tiny_model_dir,
         assert "producers host-a:11 and host-b:22 both send seed 7" in warnings[0]
     else:
         assert not warnings, warnings
-    assert any(line == "stream: batches from producer host-a:11 (seed 7)" for line in lines), lines
+    assert "stream: batches from producer host-b:22" in lines, lines

@@ -357,7 +357,7 @@ class StreamSource:
         if producer in self._producers or len(self._producers) >= NOTED_PRODUCERS:
             return
         self._producers.add(producer)
-        log.info("stream: batches from producer %s (seed %d)", producer, header.seed)
+        log.info("stream: batches from producer %s", producer)  # its seed is in its own log
         first = self._seed_owner.setdefault(header.seed, producer)
         if first != producer:
             log.warning("stream: producers %s and %s both send seed %d: with the same corpus and flags they "
