@@ -11,7 +11,7 @@ class CorpusConfig:
 
     train_corpus: tuple[str, ...]  # one or more text files (gzip allowed), one sentence a line
     bert_model: str  # hub name or local model directory; its tokenizer is used
-    do_lower_case: bool | None  # None until decided: follow the tokenizer's own setting (common.vocab.decide_lower_case)
+    do_lower_case: bool | None  # None until decided from the tokenizer's files (common.vocab.decide_lower_case)
     cache_dir: str  # where corpus indexes are kept
 
 

@@ -17,7 +17,8 @@ import numpy as np
 # Files a tokenizer needs; enough to resolve a hub name without downloading any weights.
 _TOKENIZER_FILES = ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"]
 # The PyTorch weights, in from_pretrained's order of preference: safetensors first, whole or sharded.
-_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+_WEIGHT_FILES = ["model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "pytorch_model.bin.index.json"]
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 

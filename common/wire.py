@@ -1,9 +1,10 @@
 """Batches ↔ bytes: one versioned msgpack message per batch, validated field by field, never unpickled.
 
-A message is a msgpack map: protocol version `v`, a header (producer id, the producer's seed, worker, epoch,
-sequence number, the instances of a full epoch) with the fingerprint the trainer must agree with, and the batch's arrays as
-`[dtype, shape, raw little-endian bytes]`. Decoding trusts nothing: every type, dtype, shape, size and value
-range is checked against the message's own fingerprint, and any failure is a `WireError` naming the field.
+A message is a msgpack map: protocol version `v`, a header (producer id, the producer's seed, worker,
+epoch, sequence number, the instances of a full epoch) with the fingerprint the trainer must agree with,
+and the batch's arrays as `[dtype, shape, raw little-endian bytes]`. Decoding trusts nothing: every type,
+dtype, shape, size and value range is checked against the message's own fingerprint, and any failure is a
+`WireError` naming the field.
 """
 
 from __future__ import annotations
