@@ -26,7 +26,7 @@ from common import security
 from common.instances import IGNORE_INDEX, Batch
 from common.progress import log
 from common.vocab import Fingerprint
-from common.wire import WireError, decode
+from common.wire import Header, WireError, decode
 from trainer import TrainerError
 from trainer.model import TensorBatch
 
@@ -347,7 +347,7 @@ class StreamSource:
         self._note_producer(message.header)
         return message.batch
 
-    def _note_producer(self, header) -> None:
+    def _note_producer(self, header: Header) -> None:
         """One line per producer process that feeds the stream: a restarted or added producer shows up.
 
         A producer whose seed another producer already sent generates the same instances (same corpus and
