@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     subset = support.first_documents(index, args.documents)
     config = GenerationConfig(whole_word_mask=True)
-    header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))
+    header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len), seed=0)
     import seed_reference
 
     db = seed_reference.DocumentDatabase([[[vocab.tokens[i] for i in s.tolist()] for s in subset.sentences_of(d)]

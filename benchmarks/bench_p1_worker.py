@@ -48,7 +48,7 @@ from producer.worker import iter_worker_batches  # noqa: E402
 
 def ours(index, config, vocab, batch_size: int, epoch: int, wire: bool) -> int:
     """One epoch of one worker (worker 0 of 1): its messages' batches, encoded as they would be sent."""
-    header = Header("bench:1", 0, epoch, 0, 0, vocab.fingerprint(config.max_seq_len))
+    header = Header("bench:1", 0, epoch, 0, 0, vocab.fingerprint(config.max_seq_len), seed=0)
     count = 0
     for _, batch in iter_worker_batches(index, config, vocab, 0, 0, 1, batch_size, epoch, epoch + 1):
         if wire:

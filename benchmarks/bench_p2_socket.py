@@ -46,7 +46,7 @@ def generate_for(seconds: float, corpus: str, cache_dir: str, batch_size: int) -
     keep_freed_memory()  # as a producer process does (common/allocator.py)
     vocab, index = support.build_index(corpus, support.minilm_dir(), cache_dir)
     config = GenerationConfig()
-    header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len))
+    header = Header("bench:1", 0, 0, 0, 0, vocab.fingerprint(config.max_seq_len), seed=0)
     count = 0
     start, cpu_start = time.monotonic(), time.process_time()
     end = start + seconds

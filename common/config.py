@@ -12,7 +12,7 @@ class CorpusConfig:
 
     train_corpus: tuple[str, ...]  # sources: text (gzip allowed), .jsonl(.gz), .parquet, a saved dataset, hf:NAME
     bert_model: str  # hub name or local model directory; its tokenizer is used
-    do_lower_case: bool
+    do_lower_case: bool | None  # None until decided from the tokenizer's files (common.vocab.decide_lower_case)
     cache_dir: str  # where corpus indexes are kept
     text_field: str = "text"  # the record field holding a document's text (JSONL, Parquet, datasets)
     dataset_split: str = "train"  # the split of a Hub dataset or of a saved DatasetDict
@@ -63,3 +63,17 @@ class GenerationConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def add_lower_case_flags(group, consequence: str) -> None:
+    """--do_lower_case / --no_lower_case (dest do_lower_case, None when neither: follow the tokenizer's setting).
+
+    Both command lines call it, so both sides offer the same two flags and the same default.
+    """
+    either = group.add_mutually_exclusive_group()
+    either.add_argument("--do_lower_case", action="store_const", const=True, default=None,
+                        help="lower-case the text (uncased models). Neither this nor --no_lower_case: follow the "
+                        "tokenizer's own setting (tokenizer_config.json's do_lower_case, else the normalizer in "
+                        f"tokenizer.json, else on), as AutoTokenizer does; {consequence}")
+    either.add_argument("--no_lower_case", dest="do_lower_case", action="store_const", const=False, default=None,
+                        help="keep the text's case (cased models), whatever the tokenizer's files say")

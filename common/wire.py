@@ -1,9 +1,10 @@
 """Batches ↔ bytes: one versioned msgpack message per batch, validated field by field, never unpickled.
 
-A message is a msgpack map: protocol version `v`, a header (producer id, worker, epoch, sequence number,
-the instances of a full epoch) with the fingerprint the trainer must agree with, and the batch's arrays as
-`[dtype, shape, raw little-endian bytes]`. Decoding trusts nothing: every type, dtype, shape, size and value
-range is checked against the message's own fingerprint, and any failure is a `WireError` naming the field.
+A message is a msgpack map: protocol version `v`, a header (producer id, the producer's seed, worker,
+epoch, sequence number, the instances of a full epoch) with the fingerprint the trainer must agree with,
+and the batch's arrays as `[dtype, shape, raw little-endian bytes]`. Decoding trusts nothing: every type,
+dtype, shape, size and value range is checked against the message's own fingerprint, and any failure is a
+`WireError` naming the field.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ import numpy as np
 from common.instances import IGNORE_INDEX, Batch
 from common.vocab import Fingerprint
 
-PROTOCOL_VERSION = 1
+# 2: the header's `seed` became required. A version 1 trainer would take such messages without reading the
+# seed (it ignores keys it does not know), so it could never warn about two producers repeating each other;
+# a version 2 trainer would reject every version 1 message for the missing field. The bump makes both
+# mismatches one clear "protocol version" line instead.
+PROTOCOL_VERSION = 2
+MAX_SEED = (1 << 63) - 1  # seeds are non-negative and fit an int64 (what numpy and torch can take whole)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 4096 x 512 batch is ~9 MB; anything far above is not ours
 MAX_BATCH = 65536
 MAX_SEQ_LEN = 8192
@@ -51,6 +57,7 @@ class Header:
     sequence: int  # per-worker message counter, from 0
     epoch_instances: int  # instances in a full epoch of this stream (what the trainer's step count is based on)
     fingerprint: Fingerprint
+    seed: int  # the producer's --seed (given or drawn): the trainer warns when two producers share one
     # Instances of this message from each corpus of a blend (--corpus_weights), in --train_corpus order; None
     # (absent on the wire) without a blend. Optional, so a producer without blends sends the same bytes as before.
     blend: tuple[int, ...] | None = None
@@ -73,6 +80,7 @@ def encode(header: Header, batch: Batch) -> bytes:
         {
             "v": PROTOCOL_VERSION,
             "producer": header.producer_id,
+            "seed": header.seed,
             "worker": header.worker,
             "epoch": header.epoch,
             "seq": header.sequence,
@@ -109,6 +117,7 @@ def decode(data: bytes | memoryview, max_message_bytes: int = DEFAULT_MAX_MESSAG
         sequence=_int(message, "seq", 0, 1 << 62),
         epoch_instances=_int(message, "epoch_instances", 0, 1 << 50),
         fingerprint=fingerprint,
+        seed=_int(message, "seed", 0, MAX_SEED),
     )
     batch = _batch(_get(message, "arrays", dict), fingerprint)
     if "blend" in message:  # optional: only a blend's producer sends it

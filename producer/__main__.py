@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from common.allocator import keep_freed_memory
 from common.corpus import CorpusError
 from common.progress import log, setup_logging
-from common.vocab import ModelNotFoundError, resolve_model_dir
+from common.vocab import ModelNotFoundError, decide_lower_case, resolve_model_dir
 from producer import cli, supervisor
 
 
@@ -19,8 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # before the workers fork: they inherit it (common/allocator.py says why)
     supervisor.raise_on_sigterm()
     try:
+        model_dir = resolve_model_dir(config.corpus.bert_model)  # the tokenizer files only, never the weights
+        lower = decide_lower_case(model_dir, config.corpus.do_lower_case)
+        config = replace(config, corpus=replace(config.corpus, do_lower_case=lower.do_lower_case))
         log.info("config: %s", json.dumps(config.to_dict(), sort_keys=True))
-        model_dir = resolve_model_dir(config.corpus.bert_model)
+        log.info("%s", lower.describe())
+        if config.pool.seed_drawn:
+            log.info("seed: %d, drawn from os entropy as no --seed was given (pass --seed %d to repeat this "
+                     "stream)", config.pool.seed, config.pool.seed)
         cli.check_against_model(parser, config, model_dir)
         resources = supervisor.prepare(config, model_dir)
         cli.check_against_corpus(parser, config, resources.index.num_documents)

@@ -17,17 +17,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import readers, security
-from common.config import CorpusConfig, GenerationConfig
+from common.config import CorpusConfig, GenerationConfig, add_lower_case_flags
 from common.shuffle import DEFAULT_SHUFFLE_PAIRS
 from common.vocab import default_cache_dir, model_max_positions
-from common.wire import MAX_BATCH
+from common.wire import MAX_BATCH, MAX_SEED
 
 SEED_EPOCHS_TO_GENERATE = 3  # pregenerate_training_data.py's default
 _ENDPOINT = re.compile(r"^(?:tcp://(?P<host>[^\s/]+):(?P<port>\d+)|ipc://\S+)$")
 
 
 def parse_seed(value: str) -> int:
-    """An integer, or `host`: a seed from the host name (stable per container, different per replica)."""
+    """An integer, or `host`: a seed from the host name (stable per container, different per replica).
+
+    `host` predates fresh seeds (a producer without --seed now draws its own); it stays for existing scripts.
+    """
     if value == "host":
         digest = hashlib.sha256(socket.gethostname().encode()).digest()
         return int.from_bytes(digest[:4], "little")
@@ -35,6 +38,15 @@ def parse_seed(value: str) -> int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer or 'host', got {value!r}") from None
+
+
+def fresh_seed() -> int:
+    """A seed from the operating system's entropy: two producers (or one restarted) never share it by accident.
+
+    63 bits, so it fits the wire's int64 range; the chance that two of a thousand producers draw the same one
+    is about 5e-14.
+    """
+    return int.from_bytes(os.urandom(8), "little") >> 1
 
 
 def default_num_workers() -> int:
@@ -53,12 +65,13 @@ class WorkerPoolConfig:
     num_workers: int  # worker processes; each generates a disjoint share of every epoch's documents
     seed: int  # with the worker id and the epoch, seeds every random draw (reproducible stream)
     progress_interval_s: float  # seconds between progress lines
+    seed_drawn: bool = False  # no --seed was given: `seed` was drawn from os entropy (logged, to repeat the run)
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_workers <= 1024:
             raise ValueError(f"num_workers must be between 1 and 1024, got {self.num_workers}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be an integer between 0 and {MAX_SEED}, got {self.seed}")
         if not self.progress_interval_s > 0:
             raise ValueError(f"progress_interval_s must be positive, got {self.progress_interval_s}")
 
@@ -137,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="dump mode: write epoch_{i}.json and epoch_{i}_metrics.json here, then exit")
     seed.add_argument("--bert_model", required=True,
                       help="model directory or Hugging Face hub name; its vocabulary tokenizes the corpus")
-    seed.add_argument("--do_lower_case", action="store_true", help="lower-case the text (for uncased models)")
+    add_lower_case_flags(seed, "the trainer must decide the same, it is in the fingerprint")
     seed.add_argument("--do_whole_word_mask", action="store_true",
                       help="mask whole words (a word and its ## pieces) together")
     seed.add_argument("--reduce_memory", action="store_true",
@@ -157,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     ours = parser.add_argument_group("bertstream")
     ours.add_argument("--num_workers", type=int, default=default_num_workers(),
                       help="worker processes (default: usable CPUs - 1, here %(default)s)")
-    ours.add_argument("--seed", type=parse_seed, default=42,
-                      help="same corpus, model, flags, seed and worker count give the same instances; "
-                      "`host` derives it from the host name, so replicas of one container (docker compose "
-                      "--scale) stream different instances (default %(default)s)")
+    ours.add_argument("--seed", type=parse_seed, default=None,
+                      help="same corpus, model, flags, seed and worker count give the same instances (stream and "
+                      "dump). Default: a fresh seed from os entropy, logged and sent in every message header, so "
+                      "producers (and a restarted one) never repeat each other; pass it back to repeat a run. "
+                      "`host` (a seed from the host name) is still accepted")
     ours.add_argument("--cache_dir", default=str(default_cache_dir()),
                       help="where the tokenized corpus index is cached (default %(default)s)")
     ours.add_argument("--progress_interval_s", type=float, default=10.0,
@@ -235,8 +249,9 @@ def parse_config(parser: argparse.ArgumentParser, argv: list[str] | None = None)
             max_seq_len=args.max_seq_len, short_seq_prob=args.short_seq_prob, masked_lm_prob=args.masked_lm_prob,
             max_predictions_per_seq=args.max_predictions_per_seq, whole_word_mask=args.do_whole_word_mask,
         )
-        pool = WorkerPoolConfig(num_workers=args.num_workers, seed=args.seed,
-                                progress_interval_s=args.progress_interval_s)
+        pool = WorkerPoolConfig(num_workers=args.num_workers,
+                                seed=fresh_seed() if args.seed is None else args.seed,
+                                progress_interval_s=args.progress_interval_s, seed_drawn=args.seed is None)
         stream = dump = None
         if args.connect is not None:
             stream = StreamConfig(

@@ -198,7 +198,8 @@ class EarlyStream:
     def _send(self, sender: Sender, index: CorpusIndex, pairs: np.ndarray, rng: np.random.Generator,
               fingerprint, epoch_instances: int, sequence: int) -> int:
         batch = make_batch(index, pairs, self.generation, self.vocab, rng)
-        sender.send(encode(Header(self.producer_id, self.worker, 0, sequence, epoch_instances, fingerprint), batch))
+        header = Header(self.producer_id, self.worker, 0, sequence, epoch_instances, fingerprint, seed=self.seed)
+        sender.send(encode(header, batch))
         self.instances_sent += batch.size
         if self.first_batch_s is None:
             self.first_batch_s = time.monotonic() - self._started

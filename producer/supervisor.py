@@ -57,6 +57,8 @@ class Resources:
 
 def prepare(config: ProducerConfig, model_dir: Path) -> Resources:
     """Vocabulary, the corpus index (built in parallel if not cached) and the epoch-size estimate."""
+    # producer.__main__ decides it from the flags and the tokenizer's files (common.vocab.decide_lower_case).
+    assert config.corpus.do_lower_case is not None, "lower-casing must be decided before prepare()"
     vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, config.corpus.do_lower_case),
                                       config.corpus.do_lower_case)
     early = None

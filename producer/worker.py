@@ -301,7 +301,8 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
                 sequence += 1
                 continue
             blend = batch.corpus_counts(job.blend.num_corpora) if job.blend is not None else None
-            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint, blend)
+            header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint,
+                            seed=job.seed, blend=blend)
             sender.send(encode(header, batch))
             sequence += 1
             sent.value = sequence

@@ -24,6 +24,9 @@ _DEFAULT_NOTE = re.compile(r"\s*\([^()]*%\(default\)s[^()]*\)")  # "(default %(d
 _MACHINE_DEPENDENT = {
     ("bertstream-producer", "num_workers"): "usable CPUs − 1",
     ("bertstream-producer", "cache_dir"): "`~/.cache/bertstream`",
+    # Neither --do_lower_case nor --no_lower_case: decided from the model's tokenizer files.
+    ("bertstream-producer", "do_lower_case"): "the tokenizer's",
+    ("bertstream-trainer", "do_lower_case"): "the tokenizer's",
 }
 
 

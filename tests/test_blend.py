@@ -169,7 +169,7 @@ def test_a_corpus_of_one_document_cannot_be_blended():
 def blend_message(counts) -> bytes:
     index = unique_token_corpora((10, 10), (3.0, 3.0), seed=0)
     batch = next(iter_batches(index, range(20), CONFIG, VOCAB, np.random.default_rng(0), 8))
-    return encode(Header("h:1", 0, 0, 0, 100, VOCAB.fingerprint(128), counts), batch)
+    return encode(Header("h:1", 0, 0, 0, 100, VOCAB.fingerprint(128), seed=0, blend=counts), batch)
 
 
 def test_the_header_carries_the_blend_counts_and_refuses_bad_ones():

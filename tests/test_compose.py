@@ -272,7 +272,10 @@ def test_compose_defaults_and_policies():
     assert "--fp16" in trainer_args and trainer_args[trainer_args.index("--gpus") + 1] == "1"
     producer_args = shlex.split(producer["command"])
     assert producer_args[producer_args.index("--max_seq_len") + 1] == "128"
-    assert producer_args[producer_args.index("--seed") + 1] == "host"  # scaled replicas must not repeat each other
+    # No --seed: every producer process (a scaled replica, a restart) draws a fresh one and never repeats another.
+    assert "--seed" not in producer_args
+    # No lower-casing flag: both sides follow the tokenizer's own setting (DO_LOWER_CASE forces one).
+    assert "--do_lower_case" not in producer_args and "--do_lower_case" not in trainer_args
     assert producer_args[producer_args.index("--trainer_gone_timeout_s") + 1] == "0"  # the trainer's end ends it
     assert "tcp://0.0.0.0:5555" in trainer_args and "tcp://trainer:5555" in producer_args
     # The entry point restarts; a container restart would end the project under --exit-code-from.

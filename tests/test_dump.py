@@ -134,7 +134,7 @@ def test_leftovers_of_an_interrupted_dump_are_not_mistaken_for_parts(tiny_model_
     (out / ".epoch_0.part0").write_text('{"tokens": ["junk"]}\n')  # a finished part of another run
     (out / ".epoch_0.json.x1y2.tmp").write_text("half an epoch")
     (out / "notes.txt").write_text("not ours")
-    dump(tiny_model_dir, tiny_corpus, out, cache, "--num_workers", "2", "--epochs_to_generate", "1")
+    dump(tiny_model_dir, tiny_corpus, out, cache, "--num_workers", "2", "--epochs_to_generate", "1", "--seed", "42")
     assert sorted(p.name for p in out.iterdir()) == ["epoch_0.json", "epoch_0_metrics.json", "notes.txt"]
     assert (out / "epoch_0.json").read_text() == expected_epoch(tiny_model_dir, tiny_corpus, cache, 42, 2, 0)
 
@@ -165,7 +165,8 @@ def test_killed_dump_worker_is_restarted_and_the_files_are_unchanged(tiny_model_
     from conftest import write_corpus
 
     corpus = write_corpus(tmp_path / "corpus.txt", num_documents=2000)
-    cache, flags = tmp_path / "cache", ("--num_workers", "2", "--epochs_to_generate", "12")
+    # One --seed for both runs: without it each would draw its own, and the files would differ for that alone.
+    cache, flags = tmp_path / "cache", ("--num_workers", "2", "--epochs_to_generate", "12", "--seed", "42")
     dump(tiny_model_dir, corpus, tmp_path / "clean", cache, *flags)
 
     log_path = tmp_path / "killed.log"

@@ -457,7 +457,7 @@ def bad_messages(template: bytes, vocab_size: int) -> dict[str, bytes]:
         "empty frame": b"",
         "truncated msgpack": template[: len(template) // 2],
         "one byte short": template[:-1],
-        "protocol version 2": _with(template, "v", 2),
+        "protocol version 1": _with(template, "v", 1),
         "float input_ids": _with_array(template, "input_ids", lambda a: a.astype("<f4")),
         "int64 labels": _with_array(template, "masked_labels", lambda a: a.astype("<i8")),
         "shape: one row short": _with_array(template, "token_type_ids", lambda a: a[:-1]),

@@ -6,6 +6,7 @@ The corpus fixture's documents are recognisable from their tokens (document d's 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -136,7 +137,7 @@ def test_two_workers_source_every_document_exactly_once_per_epoch(tiny_model_dir
     # "document d" that opens segment A.
     generation = GenerationConfig(max_seq_len=256)
     process, log = start_producer(tiny_model_dir, tiny_corpus, tmp_path, "--connect", endpoint, "--num_workers", "2",
-                                  "--epochs", "2", "--batch_size", "4", "--max_seq_len", "256")
+                                  "--epochs", "2", "--batch_size", "4", "--max_seq_len", "256", "--seed", "42")
     messages = collect(pull, process, log)
     assert process.returncode == 0, log.read_text()
     vocab = Vocabulary.from_tokenizer(load_tokenizer(tiny_model_dir, True), True)
@@ -192,7 +193,8 @@ def test_killed_worker_is_restarted_and_resumes_after_what_it_sent(tiny_model_di
                                                                    pull):
     generation = GenerationConfig()
     process, log = start_producer(tiny_model_dir, tiny_corpus, tmp_path, "--connect", endpoint, "--num_workers", "2",
-                                  "--batch_size", "2", "--hwm_batches", "1", "--progress_interval_s", "0.5")
+                                  "--batch_size", "2", "--hwm_batches", "1", "--progress_interval_s", "0.5",
+                                  "--seed", "42")
     try:
         pids = worker_pids(log, process, 2)
         received: dict[tuple[int, int], object] = {}
@@ -378,7 +380,14 @@ def test_defaults_and_endpoint_expansion():
     config = parse("--connect", "tcp://trainer:5555", "--connect", "ipc:///tmp/x", "--ranks_per_endpoint", "1")
     assert config.generation == GenerationConfig(128, 0.1, 0.15, 20, False)
     assert (config.stream.batch_size, config.stream.hwm_batches, config.stream.linger_ms) == (512, 8, 2000)
-    assert config.stream.epochs is None and config.pool.seed == 42 and config.pool.num_workers >= 1
+    assert config.stream.epochs is None and config.pool.num_workers >= 1
+    # Without --seed each parse draws its own seed (and says so); --seed N and --seed host stay as given.
+    again = parse("--connect", "tcp://trainer:5555")
+    assert config.pool.seed_drawn and again.pool.seed_drawn and config.pool.seed != again.pool.seed
+    assert 0 <= config.pool.seed < 1 << 63
+    assert parse("--connect", "tcp://t:1", "--seed", "42").pool == dataclasses.replace(config.pool, seed=42,
+                                                                                       seed_drawn=False)
+    assert parse("--connect", "tcp://t:1", "--seed", "host").pool.seed == cli.parse_seed("host")
     assert parse("--output_dir", "out").dump.epochs_to_generate == 3
     wide = parse("--connect", "tcp://trainer:5555", "--ranks_per_endpoint", "3")
     assert wide.stream.endpoints == ("tcp://trainer:5555", "tcp://trainer:5556", "tcp://trainer:5557")

@@ -59,3 +59,31 @@ def test_scores_equal_the_stock_losses_over_the_whole_set(index_and_vocab, tiny_
     assert 0.0 <= result.mlm_accuracy <= 1.0 and 0.0 <= result.nsp_accuracy <= 1.0
     record = result.to_record()
     assert record["eval_loss"] == pytest.approx(result.mlm_loss + result.nsp_loss)
+
+
+def test_the_eval_index_is_built_before_cuda_and_the_process_group(tiny_model_dir, tmp_path, monkeypatch):
+    """Its build forks tokenizer processes: that must happen before resolve_runtime (which initialises CUDA on a
+    GPU machine) and distributed.start (the process group and its threads). The real functions run; each call is
+    only noted, in order."""
+    import trainer.loop as loop
+    from trainer import EXIT_OK
+    from trainer.cli import main
+    from trainer_support import trainer_flags, write_seed_epochs
+
+    calls: list[str] = []
+
+    def noting(name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(loop, "load_eval_index", noting("eval index", loop.load_eval_index))
+    monkeypatch.setattr(loop, "resolve_runtime", noting("runtime", loop.resolve_runtime))
+    monkeypatch.setattr(loop.distributed, "start", noting("process group", loop.distributed.start))
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    write_seed_epochs(tmp_path / "data", tiny_model_dir, corpus, epochs=1)
+    assert main(trainer_flags(tiny_model_dir, tmp_path / "out", "--pregenerated_data", str(tmp_path / "data"),
+                              "--max_steps", "1", "--eval_corpus", str(corpus), "--eval_instances", "8",
+                              "--cache_dir", str(tmp_path / "cache"))) == EXIT_OK
+    assert calls == ["eval index", "runtime", "process group"]

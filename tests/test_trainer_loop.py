@@ -88,3 +88,32 @@ def test_the_gradscaler_sequence(tiny_model_dir, tmp_path, static_scale, overflo
     changed = not torch.equal(before["bert.pooler.dense.weight"], weights["bert.pooler.dense.weight"])
     assert changed != overflows
     assert all((r["grad_norm"] is None) == overflows for r in records)  # inf/nan written as null
+
+
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler\.step\(\)` before")
+def test_a_checkpoint_saved_in_fp16_trains_with_float32_master_weights(tiny_model_dir, tmp_path):
+    """transformers 5 loads with dtype "auto", which would keep an fp16 checkpoint's weights in fp16: the GradScaler
+    then refuses their fp16 gradients, and AdamW's small updates would round away. load_model asks for float32."""
+    import json
+
+    import torch
+
+    from trainer.loop import Runtime
+    from trainer.model import load_model
+
+    half = tmp_path / "half"
+    load_model(tiny_model_dir).half().save_pretrained(half)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (half / name).write_bytes((tiny_model_dir / name).read_bytes())
+    assert json.loads((half / "config.json").read_text())["dtype"] == "float16"  # saved as fp16 indeed
+
+    assert {p.dtype for p in load_model(half).parameters()} == {torch.float32}
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    batches = real_batches(half, corpus, tmp_path / "cache", batch_size=8, count=3)
+    runtime = Runtime(torch.device("cpu"), "fp16", torch.float16, None)  # the GradScaler path, as above
+    records, weights = run_loop(half, batches, runtime, tmp_path / "out", steps=3)
+    assert len(records) == 3 and all(math.isfinite(r["loss"]) for r in records)
+    assert all(r["loss_scale"] == 2.0**16 for r in records)  # the scaler ran, and no step overflowed
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    before = load_model(half).state_dict()
+    assert not torch.equal(before["bert.pooler.dense.weight"], weights["bert.pooler.dense.weight"])

@@ -46,7 +46,7 @@ def make_batch(vocab: Vocabulary, seed: int = 0) -> Batch:
 
 def make_header(vocab: Vocabulary) -> Header:
     return Header(producer_id="host-a:4242", worker=3, epoch=7, sequence=123456, epoch_instances=9_876_543,
-                  fingerprint=vocab.fingerprint(CONFIG.max_seq_len))
+                  fingerprint=vocab.fingerprint(CONFIG.max_seq_len), seed=(1 << 63) - 1)
 
 
 VALID = encode(make_header(SMALL_VOCAB), make_batch(SMALL_VOCAB))
@@ -162,7 +162,8 @@ L = CONFIG.max_seq_len
 
 MALFORMED = {
     # protocol and header
-    "version 2": (with_item(("v",), 2), "v"),
+    "version 1 (no seed)": (with_item(("v",), 1), "v"),
+    "version from the future": (with_item(("v",), PROTOCOL_VERSION + 1), "v"),
     "version true": (with_item(("v",), True), "v"),
     "version 1.0": (with_item(("v",), 1.0), "v"),
     "version missing": (without(("v",)), "v"),
@@ -174,6 +175,11 @@ MALFORMED = {
     "seq string": (with_item(("seq",), "12"), "seq"),
     "epoch_instances missing": (without(("epoch_instances",)), "epoch_instances"),
     "producer bytes": (with_item(("producer",), b"host"), "producer"),
+    "seed missing": (without(("seed",)), "seed"),
+    "seed negative": (with_item(("seed",), -1), "seed"),
+    "seed above int64": (with_item(("seed",), 1 << 63), "seed"),
+    "seed bool": (with_item(("seed",), True), "seed"),
+    "seed string": (with_item(("seed",), "42"), "seed"),
     "fingerprint missing": (without(("fingerprint",)), "fingerprint"),
     "fingerprint list": (with_item(("fingerprint",), [1, 2]), "fingerprint"),
     "vocab_size bool": (with_item(("fingerprint", "vocab_size"), True), "fingerprint.vocab_size"),

@@ -49,11 +49,11 @@ def real_batches(model_dir: Path, corpus: Path, cache_dir: Path, *, batch_size: 
 
 
 def message(model_dir: Path, batch: Batch, *, epoch_instances: int = 0, sequence: int = 0,
-            fingerprint: Fingerprint | None = None) -> bytes:
+            fingerprint: Fingerprint | None = None, producer_id: str = "test:1", seed: int = 1) -> bytes:
     """`batch` encoded as a producer would send it, with the model's fingerprint unless another is given."""
     fingerprint = fingerprint or vocabulary(model_dir).fingerprint(batch.input_ids.shape[1])
-    header = Header(producer_id="test:1", worker=0, epoch=0, sequence=sequence, epoch_instances=epoch_instances,
-                    fingerprint=fingerprint)
+    header = Header(producer_id=producer_id, worker=0, epoch=0, sequence=sequence, epoch_instances=epoch_instances,
+                    fingerprint=fingerprint, seed=seed)
     return encode(header, batch)
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common import security
+from common.config import add_lower_case_flags
 from common.progress import log, setup_logging
 from common.shuffle import DEFAULT_MIX_ROWS
 from common.wire import DEFAULT_MAX_MESSAGE_BYTES
@@ -36,7 +37,7 @@ class ModelConfig:
     """The model to start from and how its tokenizer cases text."""
 
     bert_model: str  # hub name or local directory holding a BERT and its tokenizer
-    do_lower_case: bool
+    do_lower_case: bool | None  # None: follow the tokenizer's own setting (decided once the model is resolved)
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--output_dir", type=str, required=True,
                       help="metrics.jsonl, checkpoints/ and the final model + tokenizer; rerunning resumes here")
     seed.add_argument("--bert_model", type=str, required=True, help="hub name or local model directory")
-    seed.add_argument("--do_lower_case", action="store_true",
-                      help="lower-case text (uncased models); must match the producer's, it is in the fingerprint")
+    add_lower_case_flags(seed, "must match the producer's, it is in the fingerprint")
     seed.add_argument("--reduce_memory", action="store_true",
                       help="pregenerated data: keep an epoch in memory maps on disk instead of RAM")
     seed.add_argument("--epochs", type=int, default=3,

@@ -21,8 +21,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from common.index import CorpusIndex
 from common.progress import log
-from common.vocab import Vocabulary, load_tokenizer, resolve_model_dir
+from common.vocab import Vocabulary, decide_lower_case, load_tokenizer, resolve_model_dir
 from trainer import StoppedEarly, TrainerError
 from trainer import distributed
 from trainer.checkpoint import STATE_FILE, Checkpoints, restore_rng_state, restore_torch_rng_state, rng_state, \
@@ -171,28 +172,54 @@ def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(runtime.device.type, init_scale=init, enabled=runtime.use_scaler)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What the run reads before CUDA or the process group exists: the model's files, vocabulary, eval index."""
+
+    model_dir: Path  # holds the weights too (a hub name resolves to its whole snapshot)
+    vocab: Vocabulary  # its do_lower_case is the decided one (flag, else the tokenizer's own setting)
+    eval_index: CorpusIndex | None  # rank 0's, with --eval_corpus
+
+
+def prepare_inputs(config: TrainerConfig) -> Inputs:
+    """Resolve the model, decide lower-casing, and tokenize the evaluation corpus (rank 0 only).
+
+    This runs before `resolve_runtime` and `distributed.start`: the evaluation index is built by a forked
+    pool of tokenizer processes, and a fork once CUDA is initialised or the process group's threads run can
+    leave the children with a broken CUDA context or a lock held forever.
+    """
+    model_dir = resolve_model_dir(config.model.bert_model, with_weights=True)
+    lower = decide_lower_case(model_dir, config.model.do_lower_case)
+    if config.distributed.is_main:
+        log.info("%s", lower.describe())
+    vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, lower.do_lower_case), lower.do_lower_case)
+    eval_index = None
+    if config.eval.eval_corpus is not None and config.distributed.is_main:  # rank 0 evaluates; the others wait
+        eval_index = load_eval_index(config.eval.eval_corpus, config.model.bert_model, lower.do_lower_case,
+                                     config.eval.cache_dir, vocab, text_field=config.eval.text_field,
+                                     dataset_split=config.eval.dataset_split,
+                                     split_sentences=config.eval.split_sentences)
+    return Inputs(model_dir, vocab, eval_index)
+
+
 def run_training(config: TrainerConfig, stop: threading.Event) -> None:
+    inputs = prepare_inputs(config)  # first: it forks (see there)
     runtime = resolve_runtime(config.device, config.distributed)
     ranks = distributed.start(config.distributed, runtime.device, config.source.data_timeout_s)
     try:
-        _run_training(config, stop, runtime, ranks)
+        _run_training(config, stop, runtime, ranks, inputs)
     finally:
         ranks.close()
 
 
-def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime, ranks: Ranks) -> None:
+def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime, ranks: Ranks,
+                  inputs: Inputs) -> None:
     train = config.train
     output_dir = Path(train.output_dir)
     seed_everything(train.seed + ranks.rank)  # rank 0 as a single process; each rank its own dropout stream
-    model_dir = resolve_model_dir(config.model.bert_model)
-    vocab = Vocabulary.from_tokenizer(load_tokenizer(model_dir, config.model.do_lower_case),
-                                      config.model.do_lower_case)
-    eval_index = None
-    if config.eval.eval_corpus is not None and ranks.is_main:  # rank 0 evaluates; the others wait for it
-        eval_index = load_eval_index(config.eval.eval_corpus, config.model.bert_model, config.model.do_lower_case,
-                                     config.eval.cache_dir, vocab, text_field=config.eval.text_field,
-                                     dataset_split=config.eval.dataset_split,
-                                     split_sentences=config.eval.split_sentences)
+    model_dir, vocab, eval_index = inputs.model_dir, inputs.vocab, inputs.eval_index
+    # What the checkpoint's instances and weights depend on: a resume must not change them (see check_unchanged).
+    fixed_inputs = {"bert_model": normalized_model_name(config.model.bert_model), "do_lower_case": vocab.do_lower_case}
 
     checkpoints = Checkpoints(output_dir, train.keep_checkpoints)
     if ranks.is_main:
@@ -208,8 +235,9 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
             log.info("resuming from %s", resume_from)
         state = Checkpoints.load_state(resume_from)
         check_world_size(state, resume_from, ranks.world_size)
+        check_unchanged(saved_inputs(state), fixed_inputs, resume_from)
     model = load_model(resume_from or model_dir)
-    tokenizer = load_tokenizer_for_saving(model_dir, config.model.do_lower_case)
+    tokenizer = load_tokenizer_for_saving(model_dir, vocab.do_lower_case)
     if vocab.size > model.config.vocab_size:
         raise TrainerError(f"--bert_model {config.model.bert_model}: the tokenizer has {vocab.size} tokens but "
                            f"the model's embeddings only {model.config.vocab_size}")
@@ -221,7 +249,13 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
     metrics = None
     try:
         start_source(source, ranks, resume_from)
-        total_steps = plan_steps(train, source)
+        fixed_inputs["max_seq_len"] = source.max_seq_len
+        if state is not None:
+            # Issue 13's flag allowing a new max_seq_len on resume only has to skip this one check.
+            check_unchanged(saved_inputs(state), {"max_seq_len": source.max_seq_len}, resume_from)
+        total_steps = resumed_plan(state, train) if state is not None else None
+        if total_steps is None:
+            total_steps = plan_steps(train, source)
         optimizer, scheduler = build_optimizer(model, train, total_steps, runtime.device)
         scaler = make_scaler(runtime)
         start_step = 0
@@ -253,7 +287,7 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
                 state = {"format": STATE_FORMAT, "step": step, "total_steps": total_steps,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "scaler": scaler.state_dict(), "rng": rng_state(runtime.device), "source": source_state,
-                         "config": config.to_dict()}
+                         "config": config.to_dict(), "inputs": dict(fixed_inputs)}
                 if rank_rng is not None:
                     state["rank_rng"] = rank_rng
                 path = checkpoints.save(step, model, tokenizer, state)
@@ -378,6 +412,59 @@ def start_source(source, ranks: Ranks, resume_from: Path | None) -> None:
             log.info("the ranks' first producers announce epoch sizes %s (by rank); the schedule uses rank 0's",
                      sizes)
         source.epoch_instances = sizes[0] or None
+
+
+def normalized_model_name(bert_model: str) -> str:
+    """A local directory as its absolute path (`./m` and `/abs/m` are one model); a hub name as given."""
+    path = Path(bert_model).expanduser()
+    return str(path.resolve()) if path.is_dir() else bert_model
+
+
+def saved_inputs(state: dict) -> dict:
+    """The checkpoint's model, lower-casing and max_seq_len (older checkpoints: what their config says)."""
+    if "inputs" in state:
+        return state["inputs"]
+    model = state["config"].get("model", {})
+    return {"bert_model": normalized_model_name(model["bert_model"]) if "bert_model" in model else None,
+            "do_lower_case": model.get("do_lower_case")}
+
+
+# How each input is named to the user, and what sets it.
+_INPUT_FLAGS = {
+    "bert_model": ("--bert_model", lambda v: f"--bert_model {v}"),
+    "do_lower_case": ("lower-casing", lambda v: "--do_lower_case" if v else "--no_lower_case"),
+    "max_seq_len": ("the stream's max_seq_len", lambda v: f"producers with --max_seq_len {v}"),
+}
+
+
+def check_unchanged(saved: dict, now: dict, folder: Path) -> None:
+    """Refuse a resume that changes what the checkpoint's weights and step plan were made from.
+
+    A run that resumed on another model, other casing or other sequence lengths would train on in a way no
+    single run could have, and silently: each key of `now` must equal the checkpoint's (unknown ones pass).
+    """
+    for key, value in now.items():
+        before = saved.get(key)
+        if before is None or value is None or before == value:
+            continue
+        what, how = _INPUT_FLAGS[key]
+        raise TrainerError(f"checkpoint {folder} was trained with {what} {before!r}; this run has {value!r}. "
+                           f"Resume with {how(before)}, or start afresh with --no_resume")
+
+
+def resumed_plan(state: dict, train: TrainConfig) -> int | None:
+    """The checkpoint's total steps, which a resume keeps unless --max_steps says otherwise (None: plan anew).
+
+    Re-planning a stream run from a fresh estimate of the epoch size would move the schedule's end, and so
+    every learning rate from here on.
+    """
+    if train.max_steps:
+        return None
+    before = state["config"]["train"].get("epochs")
+    if before is not None and before != train.epochs:
+        log.warning("--epochs %d (the checkpoint's run had %d): the step plan stays the checkpoint's %d steps; "
+                    "pass --max_steps to change it", train.epochs, before, state["total_steps"])
+    return int(state["total_steps"])
 
 
 def _warn_on_changed_config(state: dict, config: TrainerConfig, total_steps: int) -> None:

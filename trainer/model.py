@@ -67,13 +67,17 @@ def load_model(path: str | Path):
 
     A checkpoint without pretraining heads (a sentence-transformers BertModel, say) loads with freshly
     initialised heads; transformers reports which weights were missing.
+
+    The weights are float32 whatever dtype the files hold: they are the optimizer's master weights, and
+    autocast computes in fp16/bf16 from them. transformers 5 defaults to `dtype="auto"`, which would keep an
+    fp16 checkpoint in fp16 (AdamW's updates then round away, and the GradScaler refuses fp16 gradients).
     """
     import transformers
     from transformers import BertForPreTraining
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        return BertForPreTraining.from_pretrained(str(path), attn_implementation="sdpa")
+        return BertForPreTraining.from_pretrained(str(path), attn_implementation="sdpa", dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise TrainerError(f"--bert_model {path}: cannot load BertForPreTraining ({exc})") from exc
 

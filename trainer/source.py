@@ -27,7 +27,7 @@ from common.instances import IGNORE_INDEX, Batch
 from common.shuffle import RowPool
 from common.progress import log
 from common.vocab import Fingerprint
-from common.wire import WireError, decode
+from common.wire import Header, WireError, decode
 from trainer import TrainerError
 from trainer.model import TensorBatch
 
@@ -219,6 +219,7 @@ class StreamSource:
         self._rejected_since_note = 0
         self._last_reject_note = -float("inf")
         self._producers: set[str] = set()  # producer ids seen, each logged once (up to NOTED_PRODUCERS)
+        self._seed_owner: dict[int, str] = {}  # seed -> the first producer seen sending it
 
     # --- loop side --------------------------------------------------------------------------------------
 
@@ -350,7 +351,7 @@ class StreamSource:
             self._stream_fingerprint = fp
             self.max_seq_len = fp.max_seq_len
             self.epoch_instances = message.header.epoch_instances or None
-            self._note_producer(message.header.producer_id)
+            self._note_producer(message.header)
             return message.batch
         problems = self._stream_fingerprint.mismatches(fp)
         if fp.max_seq_len != self.max_seq_len:
@@ -359,14 +360,26 @@ class StreamSource:
             self._reject(frame, f"differs from the stream (ours vs theirs): {'; '.join(problems)}",
                          producer=message.header.producer_id)
             return None
-        self._note_producer(message.header.producer_id)
+        self._note_producer(message.header)
         return message.batch
 
-    def _note_producer(self, producer: str) -> None:
-        """One line per producer process that feeds the stream: a restarted or added producer shows up."""
-        if producer not in self._producers and len(self._producers) < NOTED_PRODUCERS:
-            self._producers.add(producer)
-            log.info("stream: batches from producer %s", producer)
+    def _note_producer(self, header: Header) -> None:
+        """One line per producer process that feeds the stream: a restarted or added producer shows up.
+
+        A producer whose seed another producer already sent generates the same instances (same corpus and
+        flags), or a restarted one replays what the model has trained on: warned once per such producer.
+        """
+        producer = header.producer_id
+        if producer in self._producers or len(self._producers) >= NOTED_PRODUCERS:
+            return
+        self._producers.add(producer)
+        log.info("stream: batches from producer %s", producer)  # its seed is in its own log
+        first = self._seed_owner.setdefault(header.seed, producer)
+        if first != producer:
+            log.warning("stream: producers %s and %s both send seed %d: with the same corpus and flags they "
+                        "stream the same instances (a producer restarted with the same --seed replays them). Start "
+                        "producers without --seed (each draws its own) or give each a different one", first,
+                        producer, header.seed)
 
     def _check_first(self, fp: Fingerprint) -> None:
         problems = self._expected.mismatches(fp)
