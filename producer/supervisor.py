@@ -7,8 +7,8 @@ zombie. It prints one progress line per `--progress_interval_s`.
 
 Worker death policy: a worker that dies (non-zero exit, signal, or an exception whose traceback it sends) is
 reported and restarted with the same worker id. A stream worker's successor regenerates the same
-deterministic batches and skips those its predecessor had sent, so the stream stays exactly-once except for
-the batches that were still queued in the dead process's socket; a dump worker's successor keeps the epoch
+deterministic batches and skips those its predecessor had sent, so no batch is ever sent twice; the ones
+lost are those still queued in the dead process's socket and the one it was sending; a dump worker's successor keeps the epoch
 parts already finished. A worker that dies more than MAX_DEATHS times within DEATH_WINDOW_S stops the
 producer with exit status 1: something is wrong that restarting will not fix.
 """

@@ -274,8 +274,11 @@ class Sender:
 def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, sent) -> None:
     """Push batches until the epochs are done, stop is asked or the trainer is gone.
 
-    `sent` (shared memory) holds the number of batches sent so far, written after every send; the
-    supervisor reads it only if this process dies, to resume its successor right after them.
+    `sent` (shared memory) holds the number of batches handed to the socket so far, written just before each
+    send; the supervisor reads it only if this process dies, to resume its successor right after them. Before,
+    not after: a kill between the send and the count (a preempted process on a busy machine) would make the
+    successor send that batch a second time; counted first, a kill at worst loses the batch in hand, as it
+    loses the ones still queued in the socket. The stream is at most once, never twice.
     """
     guard = Guard(stop, job.supervisor_pid)
     reporter = Reporter(conn, job.worker)
@@ -303,9 +306,10 @@ def stream_worker(job: WorkerJob, stream: StreamConfig, stop, conn: Connection, 
             blend = batch.corpus_counts(job.blend.num_corpora) if job.blend is not None else None
             header = Header(job.producer_id, job.worker, epoch, sequence, job.epoch_instances, fingerprint,
                             seed=job.seed, blend=blend)
-            sender.send(encode(header, batch))
+            data = encode(header, batch)
+            sent.value = sequence + 1  # before the send (see the docstring)
+            sender.send(data)
             sequence += 1
-            sent.value = sequence
             progress.instances += batch.size
             progress.batches += 1
             if blend is not None:
