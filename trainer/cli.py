@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # issue 14: with --train_corpus the producer starts here, in the main thread (PR_SET_PDEATHSIG needs it),
-        # indexing the corpus while torch and the model load, and stops on every way out of this block.
+        # indexing the corpus while the model loads, and stops on every way out of this block.
         with stop_on_signals() as stop, (local_producers.for_config(config) or contextlib.nullcontext()) as local:
             run_training(config, stop, local)
     except StoppedEarly as exc:
