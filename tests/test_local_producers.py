@@ -202,3 +202,21 @@ def test_two_cpu_ranks_under_torchrun_train_from_one_node_producer(tiny_model_di
         assert any(re.search(rf"stream: batches from producer \S+:{pid}$", line)
                    for line in rank_lines(log, rank)), (rank, log[-4000:])
     assert wait_gone(pid) == []
+
+
+def test_generation_and_source_flags_reach_the_producer_as_given(corpus, tmp_path):
+    """Copied producer flags, the seed's spellings and the shared source flags; defaults are left to the producer."""
+    from trainer.cli import parse_args
+
+    base = ["--bert_model", "unused", "--output_dir", str(tmp_path / "out")]
+    config = parse_args([*base, "--train_corpus", str(corpus), "--do_train", "--do_whole_word_mask",
+                         "--max_seq_length", "64", "--masked_lm_prob", "0.15", "--text_field", "body",
+                         "--num_train_epochs", "2"])
+    assert config.local.producer_args == ("--do_whole_word_mask", "--max_seq_len", "64", "--text_field", "body")
+    assert config.local.train_corpus == (str(corpus),)
+    assert config.train.epochs == 2
+    assert config.eval.text_field == "body"  # still the trainer's own flag for --eval_corpus
+    argv = config.local.producer_argv("ipc:///tmp/x", 2, 1)
+    assert argv[argv.index("--seed") + 1] == str(config.train.seed + 1)  # node 1 streams its own instances
+    assert argv[argv.index("--ranks_per_endpoint") + 1] == "2"
+    assert parse_args([*base, "--text_field", "body"]).local is None  # a shared flag alone is the trainer's

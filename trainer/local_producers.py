@@ -40,10 +40,12 @@ from trainer import TrainerError
 
 STOP_GRACE_S = 15.0  # how long a SIGTERMed producer may take to stop its workers before its group is killed
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-# Producer flags the trainer decides itself (where to send, for how long) or shares with its own flags of the
-# same name (--bert_model, --do_lower_case, --seed, --cache_dir): never copied as pass-through flags.
+# Producer flags the trainer decides itself (where to send, for how long) or whose trainer flag of the same name
+# means something else (--output_dir, --epochs, --curve_secret_key): never passed through.
 _DECIDED_HERE = {"help", "train_corpus", "connect", "ranks_per_endpoint", "epochs", "epochs_to_generate",
                  "output_dir", "trainer_gone_timeout_s", "curve_secret_key", "curve_server_key", "reduce_memory"}
+# Flags both programs have with one meaning, which producer_argv always writes (node n's seed is --seed + n).
+_WRITTEN_HERE = {"bert_model", "do_lower_case", "seed", "cache_dir"}
 # The seed's simple_lm_finetuning.py spellings, so its command line runs unchanged.
 _SEED_ALIASES = {"max_seq_len": "--max_seq_length"}
 
@@ -113,26 +115,36 @@ def pass_through_actions(trainer: argparse.ArgumentParser, producer: argparse.Ar
 
 def parse_config(args: argparse.Namespace, trainer: argparse.ArgumentParser, cache_dir: str,
                  ) -> LocalProducersConfig | None:
-    """The pass-through flags given -> a LocalProducersConfig checked by the producer's own parser, or None
-    without --train_corpus (then a producer flag given alone is refused by name)."""
+    """The producer flags given -> a LocalProducersConfig checked by the producer's own parser, or None without
+    --train_corpus (then a producer-only flag given alone is refused by name).
+
+    Passed on: the copied producer flags, and the flags both programs share with one meaning (how sources are
+    read: --text_field, --dataset_split, --split_sentences), each only where it differs from the producer's default.
+    """
     from producer import cli as producer_cli
 
     producer = producer_cli.build_parser()
-    given = []
-    for action in pass_through_actions(trainer, producer):
+    copied = {action.dest for action in pass_through_actions(trainer, producer)}
+    given, given_copied = [], []
+    for action in producer._actions:
+        if action.dest in _DECIDED_HERE or action.dest in _WRITTEN_HERE or not hasattr(args, action.dest):
+            continue
         value = getattr(args, action.dest)
         if value == action.default:  # the producer's default: pass nothing, it applies there anyway
             continue
         option = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
-            given.append(option)
+            flag = [option]
         elif isinstance(value, (list, tuple)):
-            given += [option, *map(str, value)]
+            flag = [option, *map(str, value)]
         else:
-            given += [option, str(value)]
+            flag = [option, str(value)]
+        given += flag
+        if action.dest in copied:
+            given_copied += flag
     if args.train_corpus is None:
-        if given:
-            trainer.error(f"{given[0]} is a producer flag: it applies with --train_corpus (the trainer starting its "
+        if given_copied:
+            trainer.error(f"{given_copied[0]} is a producer flag: it applies with --train_corpus (the trainer starting its "
                           "own producer); a separate bertstream-producer takes it on its own command line")
         return None
     if args.pregenerated_data is not None:
@@ -147,9 +159,9 @@ def parse_config(args: argparse.Namespace, trainer: argparse.ArgumentParser, cac
     # --max_seq_len 4: must be between 8 and 512` (exit 2), before any model loads.
     producer.prog = trainer.prog
     producer_cli.parse_config(producer, config.producer_argv("ipc:///validation-only", 1, 0))
-    for path in config.train_corpus:
-        if not Path(path).is_file():
-            trainer.error(f"--train_corpus {path}: no such file")
+    for source in config.train_corpus:  # files and dataset folders; hf:NAME is the producer's to resolve
+        if not source.startswith("hf:") and not Path(source).exists():
+            trainer.error(f"--train_corpus {source}: no such file")
     return config
 
 
