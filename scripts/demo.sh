@@ -41,7 +41,7 @@ else
     echo "== 3/4 producer and trainer, $steps optimizer steps of 16 sequences of 64 tokens on the CPU"
     port=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
     .venv/bin/bertstream-producer --train_corpus "$out/corpus/train.txt" --bert_model "$model" --do_lower_case \
-        --cache_dir "$out/cache" --connect "tcp://127.0.0.1:$port" --seed 42 "${generation[@]}" --trainer_gone_timeout_s 3 &
+        --cache_dir "$out/cache" --connect "tcp://127.0.0.1:$port" "${generation[@]}" --trainer_gone_timeout_s 3 &
     producer=$!
     trap 'kill $producer 2>/dev/null || true' EXIT
     .venv/bin/bertstream-trainer --bind "tcp://127.0.0.1:$port" "${training[@]}"

@@ -216,7 +216,7 @@ def test_generation_and_source_flags_reach_the_producer_as_given(corpus, tmp_pat
     assert config.local.train_corpus == (str(corpus),)
     assert config.train.epochs == 2
     assert config.eval.text_field == "body"  # still the trainer's own flag for --eval_corpus
-    argv = config.local.producer_argv("ipc:///tmp/x", 2, 1)
-    assert argv[argv.index("--seed") + 1] == str(config.train.seed + 1)  # node 1 streams its own instances
+    argv = config.local.producer_argv("ipc:///tmp/x", 2)
+    assert "--seed" not in argv  # the producer draws a fresh seed: a resumed run or another node never replays
     assert argv[argv.index("--ranks_per_endpoint") + 1] == "2"
     assert parse_args([*base, "--text_field", "body"]).local is None  # a shared flag alone is the trainer's

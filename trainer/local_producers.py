@@ -10,8 +10,8 @@ the producer's own `parse_config`, so an error names the flag exactly as the pro
 Under torchrun each node's local rank 0 starts one producer for all of the node's ranks
 (`--ranks_per_endpoint LOCAL_WORLD_SIZE`, the ipc PATH-r endpoints every rank binds): one tokenized index
 and one supervisor per node instead of one per rank, and the node's workers share its CPUs without the
-ranks having to split them. Each node's producer gets its own seed (`--seed` + the node's index), so nodes
-never stream the same instances.
+ranks having to split them. The producer draws a fresh seed (its default without --seed) and logs it: nodes
+never stream the same instances, and a rerun that resumes a checkpoint does not replay the first run's stream.
 
 Children never outlive the trainer: they run in their own process group (a Ctrl-C in the terminal reaches
 only the trainer, which then stops them in order), they are stopped in a `finally` on every normal and error
@@ -44,7 +44,8 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # means something else (--output_dir, --epochs, --curve_secret_key): never passed through.
 _DECIDED_HERE = {"help", "train_corpus", "connect", "ranks_per_endpoint", "epochs", "epochs_to_generate",
                  "output_dir", "trainer_gone_timeout_s", "curve_secret_key", "curve_server_key", "reduce_memory"}
-# Flags both programs have with one meaning, which producer_argv always writes (node n's seed is --seed + n).
+# Flags producer_argv writes from the trainer's own; the trainer's --seed seeds torch, while the producer draws a
+# fresh seed (see above).
 _WRITTEN_HERE = {"bert_model", "do_lower_case", "seed", "cache_dir"}
 # The seed's simple_lm_finetuning.py spellings, so its command line runs unchanged.
 _SEED_ALIASES = {"max_seq_len": "--max_seq_length"}
@@ -58,15 +59,13 @@ class LocalProducersConfig:
     producer_args: tuple[str, ...]  # the pass-through producer flags as given (e.g. --max_seq_len 64)
     bert_model: str
     do_lower_case: bool | None  # None: the producer follows the tokenizer's setting, as the trainer does
-    seed: int  # node n's producer streams with --seed seed + n
     cache_dir: str  # the producer's corpus index cache (the trainer's --cache_dir)
     remote_bind: bool  # --bind was given: remote producers may connect there too
 
-    def producer_argv(self, connect: str, ranks_per_endpoint: int, node: int) -> list[str]:
-        """The `python -m producer` command line (after the module name) for node `node`'s producer."""
-        argv = ["--train_corpus", *self.train_corpus, "--bert_model", self.bert_model, "--seed",
-                str(self.seed + node), "--cache_dir", self.cache_dir, "--connect", connect,
-                "--ranks_per_endpoint", str(ranks_per_endpoint)]
+    def producer_argv(self, connect: str, ranks_per_endpoint: int) -> list[str]:
+        """The `python -m producer` command line (after the module name) for a node's producer."""
+        argv = ["--train_corpus", *self.train_corpus, "--bert_model", self.bert_model, "--cache_dir", self.cache_dir,
+                "--connect", connect, "--ranks_per_endpoint", str(ranks_per_endpoint)]
         if self.do_lower_case is not None:
             argv.append("--do_lower_case" if self.do_lower_case else "--no_lower_case")
         return argv + list(self.producer_args)
@@ -154,11 +153,11 @@ def parse_config(args: argparse.Namespace, trainer: argparse.ArgumentParser, cac
                       "local producer too; run bertstream-producer separately to use CURVE")
     config = LocalProducersConfig(
         train_corpus=tuple(args.train_corpus), producer_args=tuple(given), bert_model=args.bert_model,
-        do_lower_case=args.do_lower_case, seed=args.seed, cache_dir=cache_dir, remote_bind=args.bind is not None)
+        do_lower_case=args.do_lower_case, cache_dir=cache_dir, remote_bind=args.bind is not None)
     # The producer's own checks, with our program's name in the message: `bertstream-trainer: error:
     # --max_seq_len 4: must be between 8 and 512` (exit 2), before any model loads.
     producer.prog = trainer.prog
-    producer_cli.parse_config(producer, config.producer_argv("ipc:///validation-only", 1, 0))
+    producer_cli.parse_config(producer, config.producer_argv("ipc:///validation-only", 1))
     for source in config.train_corpus:  # files and dataset folders; hf:NAME is the producer's to resolve
         if not source.startswith("hf:") and not Path(source).exists():
             trainer.error(f"--train_corpus {source}: no such file")
@@ -199,15 +198,14 @@ def _die_with_parent(parent: int, prctl) -> None:
 class LocalProducers:
     """The producer process this trainer started (on local rank 0), its private endpoint, and its stopping.
 
-    `with LocalProducers(config, local_rank, local_world_size, node) as local:` starts it; `local.endpoint` is the
+    `with LocalProducers(config, local_rank, local_world_size) as local:` starts it; `local.endpoint` is the
     base endpoint (each rank binds `DistributedConfig.endpoint(local.endpoint)`); `local.check()` raises
     TrainerError once the producer has ended by itself; leaving the block stops it and removes the folder.
     """
 
-    def __init__(self, config: LocalProducersConfig, local_rank: int = -1, local_world_size: int = 1,
-                 node: int = 0):
+    def __init__(self, config: LocalProducersConfig, local_rank: int = -1, local_world_size: int = 1):
         self.config = config
-        self._local_rank, self._local_world_size, self._node = local_rank, local_world_size, node
+        self._local_rank, self._local_world_size = local_rank, local_world_size
         self._process: subprocess.Popen | None = None
         self._folder: Path | None = None
         self._owner = False
@@ -233,7 +231,7 @@ class LocalProducers:
 
     def _start(self) -> None:
         argv = [sys.executable, "-m", "producer",
-                *self.config.producer_argv(self.endpoint, self._local_world_size, self._node)]
+                *self.config.producer_argv(self.endpoint, self._local_world_size)]
         preexec = None
         if sys.platform.startswith("linux"):
             libc = ctypes.CDLL(None, use_errno=True)  # looked up before the fork: nothing to load in the child
@@ -284,9 +282,7 @@ class LocalProducers:
 
 
 def for_config(config) -> "LocalProducers | None":
-    """The LocalProducers of a TrainerConfig (None without --train_corpus): node index from torchrun's env."""
+    """The LocalProducers of a TrainerConfig, or None without --train_corpus."""
     if config.local is None:
         return None
-    place = config.distributed
-    node = int(os.environ.get("GROUP_RANK", place.rank // max(place.local_world_size, 1)))
-    return LocalProducers(config.local, place.local_rank, place.local_world_size, node)
+    return LocalProducers(config.local, config.distributed.local_rank, config.distributed.local_world_size)
