@@ -27,6 +27,7 @@ _MACHINE_DEPENDENT = {
     # Neither --do_lower_case nor --no_lower_case: decided from the model's tokenizer files.
     ("bertstream-producer", "do_lower_case"): "the tokenizer's",
     ("bertstream-trainer", "do_lower_case"): "the tokenizer's",
+    ("bertstream-trainer", "num_workers"): "usable CPUs − 1",
 }
 
 

@@ -26,6 +26,7 @@ from common.config import add_lower_case_flags
 from common.progress import log, setup_logging
 from common.shuffle import DEFAULT_MIX_ROWS
 from common.wire import DEFAULT_MAX_MESSAGE_BYTES
+from trainer import local_producers  # issue 14: --train_corpus, the trainer starting its own producer
 from trainer import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_STOPPED, EXIT_USAGE, StoppedEarly, TrainerError
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -268,6 +269,7 @@ class TrainerConfig:
     device: DeviceConfig
     distributed: DistributedConfig
     eval: EvalConfig
+    local: local_producers.LocalProducersConfig | None = None  # issue 14: --train_corpus; None: producers connect
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -350,10 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "NSP accuracy at start, every --eval_steps, end")
     ev.add_argument("--eval_steps", type=int, default=500, help="0 = only at start and end")
     ev.add_argument("--eval_instances", type=int, default=512, help="size of the fixed evaluation set")
-    ev.add_argument("--cache_dir", type=str, default=None, help="where the eval corpus's token index is kept")
+    ev.add_argument("--cache_dir", type=str, default=None,
+                    help="where the eval corpus's (and with --train_corpus the training corpus's) token index is kept")
     from common.readers import add_source_flags  # stdlib only: the flags are checked before torch is imported
 
     add_source_flags(ev)
+    local_producers.add_flags(p)  # issue 14: --train_corpus and the producer's generation flags, copied from it
     return p
 
 
@@ -367,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
     try:
         from common.vocab import default_cache_dir
 
+        cache_dir = args.cache_dir or str(default_cache_dir())
+        local = local_producers.parse_config(args, parser, cache_dir)  # issue 14: None without --train_corpus
         distributed = DistributedConfig.from_env(args.local_rank, args.dist_interface, args.dist_connect_timeout)
         if args.pregenerated_data is None:
             distributed.endpoint(args.bind or DEFAULT_BIND)  # a --bind the node's processes cannot share fails here
@@ -388,8 +394,9 @@ def parse_args(argv: list[str] | None = None) -> TrainerConfig:
             distributed=distributed,
             eval=EvalConfig(eval_corpus=args.eval_corpus, eval_steps=args.eval_steps,
                             eval_instances=args.eval_instances,
-                            cache_dir=args.cache_dir or str(default_cache_dir()), text_field=args.text_field,
+                            cache_dir=cache_dir, text_field=args.text_field,
                             dataset_split=args.dataset_split, split_sentences=args.split_sentences),
+            local=local,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -443,8 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.loop import run_training  # torch and transformers load here, after the flags are known good
 
     try:
-        with stop_on_signals() as stop:
-            run_training(config, stop)
+        # issue 14: with --train_corpus the producer starts here, in the main thread (PR_SET_PDEATHSIG needs it),
+        # indexing the corpus while the model loads, and stops on every way out of this block.
+        with stop_on_signals() as stop, (local_producers.for_config(config) or contextlib.nullcontext()) as local:
+            run_training(config, stop, local)
     except StoppedEarly as exc:
         log.warning("%s", exc)
         return EXIT_STOPPED

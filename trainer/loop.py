@@ -113,8 +113,12 @@ def seed_everything(seed: int) -> None:
 
 
 def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max_positions: int,
-                runtime: Runtime, stop: threading.Event, place: DistributedConfig = DistributedConfig()):
-    """Each rank's own data: its share of every round of the pregenerated files, or its own stream endpoint."""
+                runtime: Runtime, stop: threading.Event, place: DistributedConfig = DistributedConfig(), local=None):
+    """Each rank's own data: its share of every round of the pregenerated files, or its own stream endpoint.
+
+    With `local` (the LocalProducers of --train_corpus) the rank binds its private endpoint, and --bind too only
+    when it was given; a local producer that ends by itself ends the wait for data with its status.
+    """
     if config.pregenerated_data is not None:
         return PregeneratedSource(config.pregenerated_data, train.epochs, vocab, max_positions,
                                   train.micro_batch_size, train.seed, reduce_memory=config.reduce_memory,
@@ -122,11 +126,16 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
     hint = None  # for the data-timeout message: what a producer runs to feed this node's ranks
     if place.local_world_size > 1:
         hint = f"--connect {config.bind} --ranks_per_endpoint {place.local_world_size}"
-    return StreamSource(place.endpoint(config.bind), vocab.fingerprint(max_positions), max_positions,
+    bind, also_bind, alive = place.endpoint(config.bind), (), None
+    if local is not None:  # issue 14
+        also_bind = (bind,) if local.config.remote_bind else ()
+        bind, alive, hint = place.endpoint(local.endpoint), local.check, "--train_corpus (the local producer)"
+    return StreamSource(bind, vocab.fingerprint(max_positions), max_positions,
                         train.micro_batch_size, pin_memory=runtime.pin_memory,
                         prefetch_batches=config.prefetch_batches, max_message_bytes=config.max_message_bytes,
                         data_timeout_s=config.data_timeout_s, stop=stop, curve=config.curve_keys(),
-                        connect_hint=hint, mix_rows=config.mix_rows, mix_seed=(train.seed, place.rank))
+                        connect_hint=hint, mix_rows=config.mix_rows, mix_seed=(train.seed, place.rank),
+                        also_bind=also_bind, alive=alive)
 
 
 def plan_steps(train: TrainConfig, source) -> int:
@@ -202,18 +211,19 @@ def prepare_inputs(config: TrainerConfig) -> Inputs:
     return Inputs(model_dir, vocab, eval_index)
 
 
-def run_training(config: TrainerConfig, stop: threading.Event) -> None:
+def run_training(config: TrainerConfig, stop: threading.Event, local=None) -> None:
+    """Train as `config` says; `local` is the LocalProducers started for --train_corpus (issue 14), or None."""
     inputs = prepare_inputs(config)  # first: it forks (see there)
     runtime = resolve_runtime(config.device, config.distributed)
     ranks = distributed.start(config.distributed, runtime.device, config.source.data_timeout_s)
     try:
-        _run_training(config, stop, runtime, ranks, inputs)
+        _run_training(config, stop, runtime, ranks, inputs, local)
     finally:
         ranks.close()
 
 
 def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime, ranks: Ranks,
-                  inputs: Inputs) -> None:
+                  inputs: Inputs, local=None) -> None:
     train = config.train
     output_dir = Path(train.output_dir)
     seed_everything(train.seed + ranks.rank)  # rank 0 as a single process; each rank its own dropout stream
@@ -245,7 +255,7 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
     model.train()
     max_positions = model.config.max_position_embeddings
 
-    source = open_source(config.source, train, vocab, max_positions, runtime, stop, config.distributed)
+    source = open_source(config.source, train, vocab, max_positions, runtime, stop, config.distributed, local)
     metrics = None
     try:
         start_source(source, ranks, resume_from)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -187,8 +187,12 @@ class StreamSource:
     def __init__(self, bind: str, expected: Fingerprint, max_positions: int, micro_batch_size: int, *,
                  pin_memory: bool, prefetch_batches: int, max_message_bytes: int, data_timeout_s: float,
                  stop: threading.Event, curve: security.ServerKeys | None = None, connect_hint: str | None = None,
-                 mix_rows: int = 0, mix_seed: Sequence[int] = (0,)):
+                 mix_rows: int = 0, mix_seed: Sequence[int] = (0,), also_bind: Sequence[str] = (),
+                 alive: Callable[[], None] | None = None):
         self.bind = bind
+        # One PULL socket binds several endpoints: --train_corpus's private one and --bind for remote producers.
+        self._also_bind = tuple(also_bind)
+        self._alive = alive  # raises once a producer this process started has ended (trainer.local_producers)
         self._connect_hint = connect_hint or f"--connect {bind}"  # how producers reach us, for the timeout message
         self._curve_keys = curve  # None: no encryption, anyone who reaches the endpoint may send
         self._curve: security.CurveServer | None = None
@@ -236,19 +240,21 @@ class StreamSource:
         if self._curve_keys is not None:  # before bind(): no connection is ever accepted without CURVE
             self._curve = security.CurveServer(self._context, self._curve_keys, log)
             self._curve.start(self._socket)
-        try:
-            self._socket.bind(self.bind)
-        except zmq.ZMQError as exc:
-            self.close()
-            raise TrainerError(f"cannot bind --bind {self.bind}: {exc}") from exc
+        for endpoint in (self.bind, *self._also_bind):
+            try:
+                self._socket.bind(endpoint)
+            except zmq.ZMQError as exc:
+                self.close()
+                raise TrainerError(f"cannot bind --bind {endpoint}: {exc}") from exc
         if self._curve is not None:
             log.info("stream: listening on %s (CURVE: %d authorised producer key(s) in %s)", self.bind,
                      len(self._curve_keys.authorized), self._curve_keys.authorized_dir)
         else:
-            log.info("stream: listening on %s", self.bind)
-            if not _is_local(self.bind):
-                log.warning("stream: %s accepts batches from anyone who can reach it, unencrypted; across hosts "
-                            "use --curve_secret_key and --curve_authorized_keys (see bertstream-keys)", self.bind)
+            log.info("stream: listening on %s", " and ".join((self.bind, *self._also_bind)))
+            for endpoint in (self.bind, *self._also_bind):
+                if not _is_local(endpoint):
+                    log.warning("stream: %s accepts batches from anyone who can reach it, unencrypted; across hosts "
+                                "use --curve_secret_key and --curve_authorized_keys (see bertstream-keys)", endpoint)
         # The socket is handed to the receive thread and never touched here again until it has stopped.
         self._thread = threading.Thread(target=self._receive_loop, name="receive", daemon=True)
         self._thread.start()
@@ -279,6 +285,8 @@ class StreamSource:
                 raise self._error
             if self._stop.is_set():
                 raise StopRequested()
+            if self._alive is not None:
+                self._alive()
             now = time.monotonic()
             if self._timeout_s and now - started >= self._timeout_s:
                 raise DataTimeout(f"no batch on {self.bind} for {now - started:.0f}s (--data_timeout "
