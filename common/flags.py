@@ -153,9 +153,9 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
     actions = {}
     for action in parser._actions:
         if action.option_strings and action.dest not in ("help", "config"):
-            actions[action.dest] = action
-            for option in action.option_strings:
-                actions.setdefault(option.lstrip("-"), action)
+            # A dest shared by two flags (a seed's alias such as --num_train_epochs for --epochs) is its first.
+            for key in (action.dest, *(option.lstrip("-") for option in action.option_strings)):
+                actions.setdefault(key, action)
     defaults = {}
     for key, value in read_config_file(parser, path).items():
         action = actions.get(str(key).lstrip("-"))
