@@ -50,6 +50,45 @@ def test_cosine_and_constant_schedules_after_the_warmup(tiny_model_dir, seed_dat
     assert lrs[-1] == (pytest.approx(1e-3) if schedule == "constant" else pytest.approx(0.0, abs=1e-12))
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_each_schedule_resumes_exactly_from_its_saved_state(tiny_model_dir, tmp_path, schedule):
+    """get_scheduler's LambdaLR through a checkpoint's round trip (torch.save, weights_only load) continues
+    with the learning rates of a run that never stopped."""
+    import io
+
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.loop import build_optimizer
+    from trainer.model import load_model
+
+    train = TrainConfig(output_dir=str(tmp_path), learning_rate=1e-3, warmup_proportion=0.2,
+                        lr_scheduler_type=schedule)
+    model = load_model(tiny_model_dir)
+
+    def lrs(optimizer, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(scheduler.get_last_lr()[0])
+        return out
+
+    straight = lrs(*build_optimizer(model, train, 20, torch.device("cpu"), fused=False), 20)
+    optimizer, scheduler = build_optimizer(model, train, 20, torch.device("cpu"), fused=False)
+    first = lrs(optimizer, scheduler, 7)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    optimizer, scheduler = build_optimizer(model, train, 20, torch.device("cpu"), fused=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    assert first + lrs(optimizer, scheduler, 13) == straight
+    assert straight[3] == pytest.approx(1e-3)  # the warmup's end: the peak, whatever comes after
+    assert len(set(straight[4:])) == (1 if schedule == "constant" else 16)
+
+
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_precision_flags_on_the_cpu(tiny_model_dir, seed_data, tmp_path, flag):
     out = tmp_path / "out"
