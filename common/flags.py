@@ -163,6 +163,8 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
             close = difflib.get_close_matches(str(key), list(actions), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             parser.error(f"--config {path}: unknown key {key!r}: not a flag of {parser.prog}{hint}")
+        if action.nargs == 0 and value is False:  # a switch set false: as if absent (the command line may set it)
+            continue
         defaults[action.dest] = _coerce(parser, path, key, action, value)
         action.required = False  # given by the file
     parser.set_defaults(**defaults)
@@ -171,10 +173,10 @@ def apply_config_file(parser: argparse.ArgumentParser, path: str) -> None:
 def _coerce(parser: argparse.ArgumentParser, path: str, key: str, action: argparse.Action, value: Any) -> Any:
     """A file's value as the command line would have given it; anything else ends the process naming the key."""
     where = f"--config {path}: {key}"
-    if action.nargs == 0:  # store_true
+    if action.nargs == 0:  # a switch (store_true, or store_const: --no_resume, --no_lower_case): true sets it
         if not isinstance(value, bool):
             parser.error(f"{where}: expected true or false, got {value!r}")
-        return value
+        return action.const
     if value is None:
         if action.default is not None or action.required:
             parser.error(f"{where}: expected a value, got null")

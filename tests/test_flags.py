@@ -82,3 +82,18 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_with_config(parser(), ["--config", str(config_file)])
     assert f"--config {config_file}: name: expected a value, got null" in capsys.readouterr().err
+
+
+def test_a_switch_in_the_file_stores_what_the_flag_stores(tmp_path):
+    """`no_keep: true` stores the flag's constant (keep off); `verbose: false` is as if the switch were absent;
+    a store_const switch sharing its dest with another (as --no_lower_case shares do_lower_case) stores its own."""
+    p = parser()
+    p.add_argument("--plain", dest="casing", action="store_const", const=True, default=None, help="on")
+    p.add_argument("--cased", dest="casing", action="store_const", const=False, default=None, help="off")
+    config_file = tmp_path / "example.yaml"
+    config_file.write_text("name: x\nno_keep: true\nverbose: false\ncased: true\n")
+    args = parse_with_config(p, ["--config", str(config_file)])
+    assert (args.no_keep, args.verbose, args.casing) == (True, False, False)
+    assert from_args(Example, args).keep is False
+    args = parse_with_config(p, ["--config", str(config_file), "--verbose", "--plain"])
+    assert (args.verbose, args.casing) == (True, True)  # the command line wins
