@@ -1,5 +1,7 @@
 """Print which modules of a package import which (module level and inside functions alike), and any cycle.
 
+Imports under `if TYPE_CHECKING:` are left out: they serve annotations and never run.
+
     python scripts/import_graph.py            # trainer/
     python scripts/import_graph.py producer   # another package
 
@@ -23,7 +25,7 @@ def imports(package: str) -> dict[str, set[str]]:
     for path in sorted((REPO / package).glob("*.py")):
         module = f"{package}.{path.stem}" if path.stem != "__init__" else package
         found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(encoding="utf-8"), str(path))):
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 if node.module == package:  # `from trainer import distributed` names a module; `import X` a name
                     found |= {f"{package}.{a.name}" for a in node.names if (REPO / package / f"{a.name}.py").exists()}
@@ -34,6 +36,19 @@ def imports(package: str) -> dict[str, set[str]]:
                 found |= {a.name for a in node.names if a.name.startswith(package + ".")}
         graph[module] = found - {module}
     return graph
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of `tree` but those under `if TYPE_CHECKING:` (imports for annotations only, never run)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
