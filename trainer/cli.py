@@ -3,8 +3,8 @@
 The flags are the seed's `finetune_on_pregenerated.py` flags with the seed's defaults, plus the stream's and
 the run's, declared on the fields of trainer.config's dataclasses (help, default and all); `--config FILE`
 supplies any of them from a YAML or JSON file, the command line winning. Everything the user can get wrong is
-refused here, before any model is loaded, with a message that names the flag and the value (exit 2). Nothing heavy (torch, transformers, zmq) is imported at module level,
-so `--help` and usage errors are instant.
+refused here, before any model is loaded, with a message that names the flag and the value (exit 2). Nothing
+heavy (torch, transformers, zmq) is imported at module level, so `--help` and usage errors are instant.
 """
 
 from __future__ import annotations

@@ -114,8 +114,8 @@ class TrainConfig:
         "micro-batches per optimizer step; the micro-batch is --train_batch_size / this / ranks", 1, group="seed")
     # Instances per optimizer step, all accumulation steps and ranks together.
     train_batch_size: int = flag("total batch per optimizer step", 32, group="seed")
-    warmup_proportion: float = flag("linear warmup over this share of the steps, then --lr_scheduler_type (linear decay to 0)",
-                                    0.1, group="seed")
+    warmup_proportion: float = flag(
+        "linear warmup over this share of the steps, then --lr_scheduler_type (linear decay to 0)", 0.1, group="seed")
     learning_rate: float = flag(
         "AdamW peak learning rate (weight decay 0.01, none on biases and LayerNorm weights)", 3e-5, group="seed")
     seed: int = flag("seeds torch, numpy, random and the pregenerated data's per-epoch shuffle", 42, group="seed")
@@ -194,8 +194,8 @@ class DistributedConfig:
     """This process's place among the training processes: the one place rank and world size are decided.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; with WORLD_SIZE above 1 every process
-    trains with DDP on its own stream (see the README, "Several GPUs and several producer hosts"). Only rank 0 writes (metrics, checkpoints, the
-    final model).
+    trains with DDP on its own stream (see the README, "Several GPUs and several producer hosts"). Only rank 0
+    writes (metrics, checkpoints, the final model).
     """
 
     # The seed's flag; torchrun sets LOCAL_RANK instead (see from_env).

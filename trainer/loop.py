@@ -1,10 +1,10 @@
 """Set up a run (device, model, source, optimizer, schedule, resume) and train: the seed's loop, fed by a source.
 
 `run_training` builds everything from the config sections into a `TrainContext` and hands it to `train_loop`,
-the hot path, which reads top to bottom: fetch the step's micro-batches, forward under autocast, scaled backward, then the
-GradScaler sequence (unscale, clip, step, update), the schedule, and on logging steps only, the one sync that
-turns the device-side sums into a metrics record (trainer.metrics builds it). Under torchrun every rank runs the same loop on its own
-data; `trainer.distributed` keeps the ranks on the same step.
+the hot path, which reads top to bottom: fetch the step's micro-batches, forward under autocast, scaled
+backward, then the GradScaler sequence (unscale, clip, step, update), the schedule, and on logging steps only,
+the one sync that turns the device-side sums into a metrics record (trainer.metrics builds it). Under torchrun
+every rank runs the same loop on its own data; `trainer.distributed` keeps the ranks on the same step.
 """
 
 from __future__ import annotations
