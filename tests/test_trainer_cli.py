@@ -211,17 +211,17 @@ def test_every_trainer_flag_is_declared_once():
     from trainer import config as trainer_config
     from trainer.cli import build_parser
 
-    fields = [how.name or field.name
+    fields = ["--" + (how.name or field.name)
               for cls in (trainer_config.ModelConfig, trainer_config.SourceConfig, trainer_config.TrainConfig,
                           trainer_config.DeviceConfig, trainer_config.DistributedConfig, trainer_config.EvalConfig)
               for field, how, _ in flag_fields(cls)]
     shared = argparse.ArgumentParser(add_help=False)
     add_source_flags(shared)
-    helpers = [a.dest for a in shared._actions]
+    helpers = [a.option_strings[0] for a in shared._actions]
     parser = build_parser()
     # --train_corpus's flags: the producer's own, copied from its parser (trainer/local_producers.py).
     local = [a for a in parser._actions if (getattr(a.container, "title", None) or "").startswith("one command")]
-    parsed = [a.dest for a in parser._actions
+    parsed = [a.option_strings[0] for a in parser._actions
               if a.option_strings and a.dest not in ("help", "config") and all(a is not b for b in local)]
     assert sorted(parsed) == sorted(fields + helpers)
     assert len(set(fields + helpers)) == len(fields + helpers)
