@@ -206,6 +206,7 @@ def test_every_trainer_flag_is_declared_once():
     helper that declares it for both programs (the corpus-reading flags); none is declared twice."""
     import argparse
 
+    from common.config import add_lower_case_flags
     from common.flags import flag_fields
     from common.readers import add_source_flags
     from trainer import config as trainer_config
@@ -217,6 +218,7 @@ def test_every_trainer_flag_is_declared_once():
               for field, how, _ in flag_fields(cls)]
     shared = argparse.ArgumentParser(add_help=False)
     add_source_flags(shared)
+    add_lower_case_flags(shared, "")
     helpers = [a.option_strings[0] for a in shared._actions]
     parser = build_parser()
     # --train_corpus's flags: the producer's own, copied from its parser (trainer/local_producers.py).
