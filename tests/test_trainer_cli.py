@@ -227,3 +227,16 @@ def test_every_trainer_flag_is_declared_once():
               if a.option_strings and a.dest not in ("help", "config") and all(a is not b for b in local)]
     assert sorted(parsed) == sorted(fields + helpers)
     assert len(set(fields + helpers)) == len(fields + helpers)
+
+
+def test_config_file_reaches_the_local_producers_flags(tmp_path, monkeypatch):
+    """--train_corpus and the producer's flags it passes through come from the file too, the command line winning."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a b c.\nd e f.\n\ng h i.\nj k.\n")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"train_corpus: [{corpus}]\nmax_seq_len: 64\ndo_whole_word_mask: true\n"
+                           f"bert_model: m\noutput_dir: {tmp_path / 'out'}\nnum_train_epochs: 2\n")
+    config = parse_args(["--config", str(config_file), "--max_seq_len", "32"])
+    assert config.local.train_corpus == (str(corpus),) and config.train.epochs == 2
+    assert config.local.producer_args == ("--do_whole_word_mask", "--max_seq_len", "32")
