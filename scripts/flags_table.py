@@ -1,5 +1,8 @@
 """The README's flag tables, generated from the two command-line parsers so they cannot drift.
 
+The trainer's parser is itself made from the flags declared on trainer/config.py's fields (common/flags.py),
+so a flag's name, default and help are written once, there.
+
     python scripts/flags_table.py           # print the tables
     python scripts/flags_table.py --write   # replace the block between the README's flags markers
 

@@ -300,7 +300,7 @@ def test_ipc_endpoints_expand_as_the_ranks_bind_them(tmp_path, monkeypatch):
     config = producer_cli.parse_config(parser, ["--train_corpus", "c.txt", "--bert_model", "m", "--connect",
                                                 f"ipc://{tmp_path}/s", "--ranks_per_endpoint", "2"])
     assert config.stream.endpoints == (f"ipc://{tmp_path}/s-0", f"ipc://{tmp_path}/s-1")
-    from trainer.cli import DistributedConfig
+    from trainer.config import DistributedConfig
 
     ranks = [DistributedConfig(local_rank=r, rank=r, world_size=2, local_world_size=2) for r in range(2)]
     assert tuple(r.endpoint(f"ipc://{tmp_path}/s") for r in ranks) == config.stream.endpoints

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -109,3 +110,133 @@ def test_an_output_dir_that_cannot_be_made_is_an_error_naming_it(tiny_model_dir,
         code = main(["--bert_model", str(tiny_model_dir), "--output_dir", str(out), "--max_steps", "1"])
     assert code == EXIT_ERROR
     assert any(str(out) in line for line in lines if line.startswith("NotADirectoryError")), lines
+
+
+# --config FILE: flags from a YAML or JSON file, the command line winning ----------------------------------
+
+
+def test_config_file_gives_flags_and_the_command_line_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    out = tmp_path / "out"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"""# a run's flags, kept with the experiment
+bert_model: some/model
+output_dir: {out}
+learning_rate: 5.0e-5
+train_batch_size: 16
+fp16: true
+no_resume: true
+lr_scheduler_type: cosine
+warmup_proportion: 3e-2   # YAML 1.1 reads this as a string: parsed as the flag's float
+""")
+    config = parse_args(["--config", str(config_file), "--learning_rate", "1e-4", "--max_steps", "7"])
+    assert config.model.bert_model == "some/model" and config.train.output_dir == str(out)  # required, from the file
+    assert config.train.learning_rate == 1e-4  # the command line wins
+    assert config.train.train_batch_size == 16 and config.train.max_steps == 7
+    assert config.train.warmup_proportion == 0.03 and config.train.lr_scheduler_type == "cosine"
+    assert config.device.fp16 and not config.train.resume
+    assert config.train.epochs == 3  # neither: the default
+
+
+def test_config_file_in_json(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps({"bert_model": "m", "output_dir": str(tmp_path / "out"),
+                                       "gradient_accumulation_steps": 4, "bind": "tcp://127.0.0.1:6001",
+                                       "--do_lower_case": True, "local-rank": 0}))
+    config = parse_args(["--config", str(config_file), "--bert_model", "other"])
+    assert config.model.bert_model == "other" and config.model.do_lower_case
+    assert config.train.gradient_accumulation_steps == 4 and config.train.micro_batch_size == 8
+    assert config.source.bind == "tcp://127.0.0.1:6001" and config.distributed.local_rank == 0
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.yaml", "learning_rat: 1.0e-4\n", "run.yaml: unknown key 'learning_rat': not a flag of bertstream-trainer "
+                                          "(did you mean 'learning_rate'?)"),
+    ("bad.json", '{"eval_stps": 3}', "unknown key 'eval_stps': not a flag of bertstream-trainer "
+                                     "(did you mean 'eval_steps'?)"),
+    ("bad.yaml", "train_batch_size: 2.5\n", "train_batch_size: expected an int, got 2.5"),
+    ("bad.yaml", "fp16: yes please\n", "fp16: expected true or false, got 'yes please'"),
+    ("bad.yaml", "lr_scheduler_type: step\n",
+     "lr_scheduler_type: expected one of linear, cosine, constant, got 'step'"),
+    ("bad.yaml", "warmup_proportion: 1.5\n", "--warmup_proportion must be in [0, 1), got 1.5"),
+    ("bad.yaml", "- learning_rate\n", "expected a mapping of flag names to values, got a list"),
+    ("bad.yaml", "learning_rate: [1\n", "not valid YAML"),
+    ("bad.json", "{learning_rate: 1}", "not valid JSON"),
+    ("bad.toml", "learning_rate = 1\n", "expected a .json, .yaml or .yml file"),
+])
+def test_a_bad_config_file_is_refused_by_name(name, text, message, tmp_path, capsys):
+    config_file = tmp_path / name.replace("bad", "run")
+    config_file.write_text(text)
+    code = main(["--config", str(config_file), "--bert_model", "m", "--output_dir", str(tmp_path / "out")])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err, err
+    if not message.startswith("--"):  # a value the config class refuses is named by its flag, as on the command line
+        assert f"--config {config_file}: " in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_config_file_is_named(tmp_path, capsys):
+    assert main(["--config", str(tmp_path / "nowhere.yaml")]) == EXIT_USAGE
+    assert f"--config {tmp_path / 'nowhere.yaml'}: No such file or directory" in capsys.readouterr().err
+
+
+def test_required_flags_missing_from_file_and_command_line_are_still_required(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("bert_model: m\n")
+    assert main(["--config", str(config_file)]) == EXIT_USAGE
+    assert "the following arguments are required: --output_dir" in capsys.readouterr().err
+
+
+def test_yaml_without_pyyaml_names_the_package(tmp_path):
+    """With pyyaml absent (hidden from the import system here), a YAML --config says what to install."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("bert_model: m\n")
+    code = ("import sys; sys.modules['yaml'] = None; from trainer.cli import main; "
+            f"sys.exit(main(['--config', {str(config_file)!r}, '--output_dir', {str(tmp_path / 'out')!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == EXIT_USAGE
+    assert "reading YAML needs the pyyaml package (pip install pyyaml); or give the flags as a .json file" in \
+        result.stderr, result.stderr
+
+
+def test_every_trainer_flag_is_declared_once():
+    """The parser is made from declarations: each flag but --config is a trainer.config field's, or comes from a
+    helper that declares it for both programs (the corpus-reading flags); none is declared twice."""
+    import argparse
+
+    from common.config import add_lower_case_flags
+    from common.flags import flag_fields
+    from common.readers import add_source_flags
+    from trainer import config as trainer_config
+    from trainer.cli import build_parser
+
+    fields = ["--" + (how.name or field.name)
+              for cls in (trainer_config.ModelConfig, trainer_config.SourceConfig, trainer_config.TrainConfig,
+                          trainer_config.DeviceConfig, trainer_config.DistributedConfig, trainer_config.EvalConfig)
+              for field, how, _ in flag_fields(cls)]
+    shared = argparse.ArgumentParser(add_help=False)
+    add_source_flags(shared)
+    add_lower_case_flags(shared, "")
+    helpers = [a.option_strings[0] for a in shared._actions]
+    parser = build_parser()
+    # --train_corpus's flags: the producer's own, copied from its parser (trainer/local_producers.py).
+    local = [a for a in parser._actions if (getattr(a.container, "title", None) or "").startswith("one command")]
+    parsed = [a.option_strings[0] for a in parser._actions
+              if a.option_strings and a.dest not in ("help", "config") and all(a is not b for b in local)]
+    assert sorted(parsed) == sorted(fields + helpers)
+    assert len(set(fields + helpers)) == len(fields + helpers)
+
+
+def test_config_file_reaches_the_local_producers_flags(tmp_path, monkeypatch):
+    """--train_corpus and the producer's flags it passes through come from the file too, the command line winning."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a b c.\nd e f.\n\ng h i.\nj k.\n")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"train_corpus: [{corpus}]\nmax_seq_len: 64\ndo_whole_word_mask: true\n"
+                           f"bert_model: m\noutput_dir: {tmp_path / 'out'}\nnum_train_epochs: 2\n")
+    config = parse_args(["--config", str(config_file), "--max_seq_len", "32"])
+    assert config.local.train_corpus == (str(corpus),) and config.train.epochs == 2
+    assert config.local.producer_args == ("--do_whole_word_mask", "--max_seq_len", "32")

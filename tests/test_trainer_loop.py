@@ -31,6 +31,64 @@ def test_linear_warmup_then_linear_decay_to_zero(tiny_model_dir, seed_data, tmp_
     assert lrs == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("schedule, after_warmup", [
+    # The factor on the peak lr after step s of 8, 2 of them warmup (transformers' get_scheduler formulas).
+    ("cosine", lambda s: 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))),
+    ("constant", lambda s: 1.0),
+])
+def test_cosine_and_constant_schedules_after_the_warmup(tiny_model_dir, seed_data, tmp_path, schedule, after_warmup):
+    """--lr_scheduler_type, here given in a --config file (the command line's --warmup_proportion wins over it)."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(f"lr_scheduler_type: {schedule}\nwarmup_proportion: 0.5\nmax_steps: 8\n")
+    flags = trainer_flags(tiny_model_dir, tmp_path / "out", "--pregenerated_data", str(seed_data),
+                          "--config", str(config_file))
+    flags[flags.index("--warmup_proportion") + 1] = "0.25"  # 2 warmup steps
+    assert main(flags) == EXIT_OK
+    lrs = [r["lr"] for r in train_records(tmp_path / "out")]
+    expected = [1e-3 * (s / 2 if s < 2 else after_warmup(s)) for s in range(1, 9)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == (pytest.approx(1e-3) if schedule == "constant" else pytest.approx(0.0, abs=1e-12))
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_each_schedule_resumes_exactly_from_its_saved_state(tiny_model_dir, tmp_path, schedule):
+    """get_scheduler's LambdaLR through a checkpoint's round trip (torch.save, weights_only load) continues
+    with the learning rates of a run that never stopped."""
+    import io
+
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.loop import build_optimizer
+    from trainer.model import load_model
+
+    train = TrainConfig(output_dir=str(tmp_path), learning_rate=1e-3, warmup_proportion=0.2,
+                        lr_scheduler_type=schedule)
+    model = load_model(tiny_model_dir)
+
+    def lrs(optimizer, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(scheduler.get_last_lr()[0])
+        return out
+
+    straight = lrs(*build_optimizer(model, train, 20, torch.device("cpu"), fused=False), 20)
+    optimizer, scheduler = build_optimizer(model, train, 20, torch.device("cpu"), fused=False)
+    first = lrs(optimizer, scheduler, 7)
+    buffer = io.BytesIO()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    optimizer, scheduler = build_optimizer(model, train, 20, torch.device("cpu"), fused=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    assert first + lrs(optimizer, scheduler, 13) == straight
+    assert straight[3] == pytest.approx(1e-3)  # the warmup's end: the peak, whatever comes after
+    assert len(set(straight[4:])) == (1 if schedule == "constant" else 16)
+
+
 @pytest.mark.parametrize("flag", ["--bf16", "--fp16"])
 def test_precision_flags_on_the_cpu(tiny_model_dir, seed_data, tmp_path, flag):
     out = tmp_path / "out"
@@ -49,8 +107,8 @@ def run_loop(model_dir: Path, batches, runtime, out: Path, steps: int) -> tuple[
     """train_loop itself, fed from memory, with the given (possibly CPU-fp16) runtime."""
     import threading
 
-    from trainer.cli import TrainConfig
-    from trainer.loop import build_optimizer, make_scaler, train_loop
+    from trainer.config import TrainConfig
+    from trainer.loop import TrainContext, build_optimizer, make_scaler, train_loop
     from trainer.metrics import MetricsLog
     from trainer.model import load_model
     from trainer.source import MemorySource
@@ -62,8 +120,8 @@ def run_loop(model_dir: Path, batches, runtime, out: Path, steps: int) -> tuple[
     out.mkdir()
     metrics = MetricsLog(out, True, None)
     try:
-        train_loop(model, MemorySource(batches, 8), optimizer, scheduler, make_scaler(runtime), runtime, train,
-                   steps, 0, None, metrics, lambda step, state: None, threading.Event(), 0)
+        train_loop(TrainContext(model, MemorySource(batches, 8), optimizer, scheduler, make_scaler(runtime), runtime,
+                                train, steps, metrics, lambda step, state: None, threading.Event()))
     finally:
         metrics.close()
     return read_metrics(out), model.state_dict()

@@ -17,9 +17,10 @@ import torch
 from conftest import write_corpus
 from trainer import EXIT_OK
 from trainer.checkpoint import STATE_FILE, Checkpoints, cuda_states_to_restore, rng_state
-from trainer.cli import TrainConfig, main
+from trainer.cli import main
+from trainer.config import TrainConfig
 from trainer.distributed import Ranks
-from trainer.loop import Runtime, build_optimizer, make_scaler, restore_training_state, train_loop
+from trainer.loop import Runtime, TrainContext, build_optimizer, make_scaler, restore_training_state, train_loop
 from trainer.metrics import MetricsLog
 from trainer.model import load_model
 from trainer.source import MemorySource
@@ -62,8 +63,8 @@ def train_on(model, state: dict | None, runtime: Runtime, fused: bool, batches, 
         with captured_log() as lines:
             if state is not None:
                 restore_training_state(state, optimizer, scheduler, scaler, runtime, Ranks.single())
-            train_loop(model, MemorySource(batches, 8), optimizer, scheduler, scaler, runtime, train, start + steps,
-                       start, None, metrics, save, threading.Event(), 0)
+            train_loop(TrainContext(model, MemorySource(batches, 8), optimizer, scheduler, scaler, runtime, train,
+                                    start + steps, metrics, save, threading.Event(), start_step=start))
     finally:
         metrics.close()
     return train_records(out), lines, optimizer
@@ -108,8 +109,8 @@ def test_an_fp16_checkpoint_resumes_in_fp32_without_its_loss_scale(tiny_model_di
     (tmp_path / "fp16").mkdir()
     metrics = MetricsLog(tmp_path / "fp16", True, None)
     try:
-        train_loop(model, MemorySource(batches[:3], 8), optimizer, scheduler, scaler, FP16_CPU, train, 3, 0, None,
-                   metrics, keep_state, threading.Event(), 0)
+        train_loop(TrainContext(model, MemorySource(batches[:3], 8), optimizer, scheduler, scaler, FP16_CPU, train, 3,
+                                metrics, keep_state, threading.Event()))
     finally:
         metrics.close()
     assert saved["step"] == 3 and saved["scaler"]["scale"] > 0
@@ -174,7 +175,7 @@ def test_a_checkpoint_with_more_gpus_random_states_than_this_machine_resumes(tin
 
 
 def test_bf16_on_the_cpu_says_what_autocast_does_there(tiny_model_dir, corpus, tmp_path):
-    from trainer.cli import DeviceConfig, DistributedConfig
+    from trainer.config import DeviceConfig, DistributedConfig
     from trainer.loop import resolve_runtime
 
     with captured_log() as lines:

@@ -1,6 +1,7 @@
 """The GPU side of bertstream: trains BertForPreTraining (MLM + NSP) on a stream of batches or seed-format files.
 
-Layout: `cli` (flags -> frozen configs), `source` (the ZeroMQ stream and an in-memory source),
+Layout: `config` (the frozen configs, each flag declared on its field), `cli` (flags -> configs, run, exit
+code), `source` (the ZeroMQ stream and an in-memory source),
 `pregenerated` (the seed's epoch files), `model` (loading and the masked-positions loss), `loop` (set-up and
 the training loop), `checkpoint` (atomic save and resume), `evaluate` (held-out evaluation), `metrics`
 (metrics.jsonl, TensorBoard and the progress line).

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.progress import log
 from trainer import TrainerError
-from trainer.cli import DistributedConfig
+from trainer.config import DistributedConfig
 from trainer.model import PretrainingOutput, TensorBatch, pretraining_loss
 from trainer.source import StopRequested
 

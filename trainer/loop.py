@@ -1,10 +1,10 @@
 """Set up a run (device, model, source, optimizer, schedule, resume) and train: the seed's loop, fed by a source.
 
-`run_training` builds everything from the config sections and hands it to `train_loop`, the hot path, which
-reads top to bottom: fetch the step's micro-batches, forward under autocast, scaled backward, then the
-GradScaler sequence (unscale, clip, step, update), the schedule, and on logging steps only, the one sync that
-turns the device-side sums into a metrics record. Under torchrun every rank runs the same loop on its own
-data; `trainer.distributed` keeps the ranks on the same step.
+`run_training` builds everything from the config sections into a `TrainContext` and hands it to `train_loop`,
+the hot path, which reads top to bottom: fetch the step's micro-batches, forward under autocast, scaled
+backward, then the GradScaler sequence (unscale, clip, step, update), the schedule, and on logging steps only,
+the one sync that turns the device-side sums into a metrics record (trainer.metrics builds it). Under torchrun
+every rank runs the same loop on its own data; `trainer.distributed` keeps the ranks on the same step.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +28,10 @@ from trainer import StoppedEarly, TrainerError
 from trainer import distributed
 from trainer.checkpoint import STATE_FILE, Checkpoints, restore_rng_state, restore_torch_rng_state, rng_state, \
     save_final
-from trainer.cli import DeviceConfig, DistributedConfig, SourceConfig, TrainConfig, TrainerConfig
+from trainer.config import DeviceConfig, DistributedConfig, SourceConfig, TrainConfig, TrainerConfig
 from trainer.distributed import FAIL, GO, STOP, Ranks
 from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_eval_index
-from trainer.metrics import MetricsLog, progress_line
+from trainer.metrics import Interval, MetricsLog, evaluation_record, progress_line, training_record
 from trainer.model import load_model, load_tokenizer_for_saving, parameter_groups
 from trainer.pregenerated import PregeneratedSource
 from trainer.source import DataTimeout, StopRequested, StreamSource
@@ -157,21 +157,28 @@ def plan_steps(train: TrainConfig, source) -> int:
     return steps
 
 
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    return int(train.warmup_proportion * total_steps)
+
+
+# --lr_scheduler_type -> transformers' schedule name. Every choice warms up over --warmup_proportion first:
+# transformers' "constant" would ignore the warmup, so constant here is its "constant_with_warmup".
+_SCHEDULES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
 def build_optimizer(model, train: TrainConfig, total_steps: int, device: torch.device, fused: bool | None = None):
-    """AdamW (fused on CUDA unless `fused` says otherwise: with a GradScaler its step needs no sync) and linear
-    warmup then linear decay."""
+    """AdamW (fused on CUDA unless `fused` says otherwise: with a GradScaler its step needs no sync) and the
+    schedule from transformers' `get_scheduler`: linear warmup, then --lr_scheduler_type's decay (linear to 0 by
+    default, the seed's). It is a LambdaLR whose state_dict is its step count, so a resume continues it exactly."""
+    from transformers import get_scheduler
+
     if fused is None:
         fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(parameter_groups(model, train.weight_decay), lr=train.learning_rate,
                                   fused=fused or None)
-    warmup = int(train.warmup_proportion * total_steps)
-
-    def linear_warmup_then_decay(step: int) -> float:  # transformers' get_linear_schedule_with_warmup
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay)
+    scheduler = get_scheduler(_SCHEDULES[train.lr_scheduler_type], optimizer,
+                              num_warmup_steps=warmup_steps(train, total_steps), num_training_steps=total_steps)
+    return optimizer, scheduler
 
 
 def make_scaler(runtime: Runtime) -> torch.amp.GradScaler:
@@ -284,10 +291,10 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
         metrics = MetricsLog(output_dir, ranks.is_main, resume_step=start_step if resume_from else None)
         if ranks.is_main:
             log.info("training: steps %d..%d of %d instances (micro-batch %d x %d accumulation x %d rank(s)), "
-                     "warmup %d steps, lr %g, %s on %s", start_step + 1, total_steps, train.train_batch_size,
-                     train.micro_batch_size, train.gradient_accumulation_steps, ranks.world_size,
-                     int(train.warmup_proportion * total_steps), train.learning_rate, runtime.precision,
-                     runtime.device)
+                     "warmup %d steps then %s, lr %g, %s on %s", start_step + 1, total_steps,
+                     train.train_batch_size, train.micro_batch_size, train.gradient_accumulation_steps,
+                     ranks.world_size, warmup_steps(train, total_steps), train.lr_scheduler_type,
+                     train.learning_rate, runtime.precision, runtime.device)
 
         def save(step: int, source_state: dict) -> Path:
             """Rank 0 writes the checkpoint; the other ranks wait for it (and hand it their random states)."""
@@ -309,9 +316,10 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
             # A step the GradScaler skips (an fp16 overflow, common in the first steps) makes torch warn that
             # the schedule stepped before the optimizer: intended here, as in every GradScaler loop.
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            step = train_loop(model, source, optimizer, scheduler, scaler, runtime, train, total_steps, start_step,
-                              evaluator, metrics, save, stop, config.eval.eval_steps, ranks=ranks,
-                              evaluates=config.eval.eval_corpus is not None)
+            step = train_loop(TrainContext(
+                model, source, optimizer, scheduler, scaler, runtime, train, total_steps, metrics, save, stop,
+                start_step=start_step, evaluator=evaluator, eval_steps=config.eval.eval_steps, ranks=ranks,
+                evaluates=config.eval.eval_corpus is not None))
         if ranks.is_main:
             save_final(output_dir, model, tokenizer)
             log.info("done: model and tokenizer saved in %s", output_dir)
@@ -479,7 +487,10 @@ def resumed_plan(state: dict, train: TrainConfig) -> int | None:
 
 def _warn_on_changed_config(state: dict, config: TrainerConfig, total_steps: int) -> None:
     before, now = state["config"]["train"], config.to_dict()["train"]
-    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now if k != "resume" and before.get(k) != now[k]]
+    # A field the checkpoint predates had its default then (lr_scheduler_type: the linear schedule).
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    changed = [f"{k}: {before.get(k, defaults[k])!r} -> {now[k]!r}" for k in now
+               if k != "resume" and before.get(k, defaults[k]) != now[k]]
     if changed:
         log.warning("resuming with changed training flags (%s)", "; ".join(changed))
     if state["total_steps"] != total_steps:
@@ -509,41 +520,61 @@ def next_step_batches(source, accum: int, stop: threading.Event, ranks: Ranks) -
     return batches, waited
 
 
-def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, train: TrainConfig,
-               total_steps: int, start_step: int, evaluator: Callable | None, metrics: MetricsLog,
-               save: Callable[[int, dict], Path | None], stop: threading.Event, eval_steps: int,
-               ranks: Ranks | None = None, evaluates: bool | None = None) -> int:
+@dataclass
+class TrainContext:
+    """What `train_loop` trains and with what: built by `run_training` (or a test) from the config sections."""
+
+    model: torch.nn.Module  # BertForPreTraining, on runtime.device
+    source: object  # next_batch(), state_dict(), stats(), epoch_instances: trainer.source / trainer.pregenerated
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    runtime: Runtime
+    train: TrainConfig
+    total_steps: int  # the last step the loop runs
+    metrics: MetricsLog
+    save: Callable[[int, dict], Path | None]  # (step, the source's state) -> the checkpoint folder
+    stop: threading.Event  # set by SIGTERM/SIGINT: save at the next step boundary and raise StoppedEarly
+    start_step: int = 0  # the step the run resumes after (0: a new run)
+    evaluator: Callable | None = None  # rank 0's held-out evaluation (model -> result), if any
+    eval_steps: int = 0  # evaluate every this many steps (0: only before the first and at the last)
+    ranks: Ranks = field(default_factory=Ranks.single)  # the other training processes (none: Ranks.single())
+    evaluates: bool | None = None  # rank 0 has an evaluator (the others have none); None: `evaluator is not None`
+
+
+def train_loop(ctx: TrainContext) -> int:
     """Optimizer steps start_step+1 .. total_steps; raises StoppedEarly after saving if `stop` gets set.
 
-    Every rank runs this on its own micro-batches (`ranks`: None for one process). Only rank 0 has the
-    `evaluator`; `evaluates` tells the others that rank 0 has one. Returns the last step.
+    Every rank runs this on its own micro-batches. Only rank 0 has the `evaluator`; `evaluates` tells the
+    others that rank 0 has one. Returns the last step.
     """
-    ranks = ranks or Ranks.single()
-    evaluates = evaluator is not None if evaluates is None else evaluates
+    model, source, optimizer, scheduler, scaler = ctx.model, ctx.source, ctx.optimizer, ctx.scheduler, ctx.scaler
+    runtime, train, total_steps, metrics, ranks = ctx.runtime, ctx.train, ctx.total_steps, ctx.metrics, ctx.ranks
+    evaluator, eval_steps = ctx.evaluator, ctx.eval_steps
+    evaluates = evaluator is not None if ctx.evaluates is None else ctx.evaluates
     device, accum = runtime.device, train.gradient_accumulation_steps
     forward = ranks.wrap(model)  # the masked-positions loss; under DDP with several ranks
     params = [p for p in model.parameters() if p.requires_grad]
-    epoch_instances = source.epoch_instances
     run_start = time.perf_counter()
 
-    step, saved = start_step, (None, None)  # (step, folder) of the newest checkpoint of this run
+    step, saved = ctx.start_step, (None, None)  # (step, folder) of the newest checkpoint of this run
     source_state = source.state_dict()  # the source's position at the last step boundary
     if evaluator is not None:
-        metrics.write(_eval_record(step, scheduler, evaluator(model), total_steps))
+        record = evaluation_record(step, scheduler.get_last_lr()[0], evaluator(model).to_record())
+        metrics.write(record)
+        log.info("%s", progress_line(record, total_steps))
     if evaluates:
         ranks.barrier("waiting for rank 0's evaluation")
 
-    # Interval sums, kept on the device: loss, mlm_loss, nsp_loss, mlm_correct, mlm_count, nsp_correct,
-    # grad_norm. Host-side: instances, micro-batches, seconds blocked on the source, seconds of eval/saving.
+    # Interval sums, kept on the device (trainer.metrics.DEVICE_SUMS): loss, mlm_loss, nsp_loss, mlm_correct,
+    # mlm_count, nsp_correct, grad_norm. Host-side counts are in `interval`.
     sums = torch.zeros(7, device=device)
-    instances = micro_batches = steps_in_interval = 0
-    wait_s = excluded_s = 0.0
-    interval_start = time.perf_counter()
+    interval = Interval()
 
     try:
         while step < total_steps:
-            batches, waited = next_step_batches(source, accum, stop, ranks)
-            wait_s += waited
+            batches, waited = next_step_batches(source, accum, ctx.stop, ranks)
+            interval.wait_s += waited
             for i, batch in enumerate(batches):
                 batch = batch.to(device, non_blocking=True)
                 # Gradients only accumulate on all but the last micro-batch; there DDP all-reduces them.
@@ -552,8 +583,8 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
                 scaler.scale(out.loss / accum).backward()  # the seed's averaging over accumulation steps
                 sums[:6] += torch.stack([out.loss.detach(), out.mlm_loss.detach(), out.nsp_loss.detach(),
                                          out.mlm_correct.float(), out.mlm_count.float(), out.nsp_correct.float()])
-                instances += batch.size
-                micro_batches += 1
+                interval.instances += batch.size
+                interval.micro_batches += 1
             scaler.unscale_(optimizer)  # true gradients, so clipping sees their real norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             scaler.step(optimizer)  # skipped if an fp16 gradient overflowed (found_inf goes to the fused kernel)
@@ -564,7 +595,7 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            steps_in_interval += 1
+            interval.steps += 1
             sums[6] += grad_norm.float()
             source_state = source.state_dict()
 
@@ -573,28 +604,13 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
             if last or evaluate_now or step % train.logging_steps == 0:
                 ranks.sum_(sums)  # every rank's sums: the record is the whole step's, not rank 0's share
                 values = sums.tolist()  # this is a sync point: the only one outside evaluation
-                wall = time.perf_counter() - interval_start - excluded_s
                 stats = source.stats()
-                per_rank = ranks.gather([instances / wall, min(1.0, wait_s / wall), *stats.values()],
-                                        "gathering the figures")
-                all_instances, all_micro_batches = instances * ranks.world_size, micro_batches * ranks.world_size
-                record = {
-                    "step": step,
-                    "epoch": (step * train.train_batch_size / epoch_instances) if epoch_instances else None,
-                    "loss": values[0] / all_micro_batches, "mlm_loss": values[1] / all_micro_batches,
-                    "nsp_loss": values[2] / all_micro_batches,
-                    "mlm_accuracy": values[3] / max(values[4], 1.0), "nsp_accuracy": values[5] / all_instances,
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": values[6] / (steps_in_interval * ranks.world_size),  # equal on every rank
-                    "loss_scale": scaler.get_scale() if runtime.use_scaler else None,
-                    # The run goes at its slowest rank's pace, so its data wait is the largest rank's.
-                    "seq_per_s": sum(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank),
-                    "elapsed_s": time.perf_counter() - run_start,
-                    **{key: int(sum(r[2 + i] for r in per_rank)) for i, key in enumerate(stats)},
-                }
-                if ranks.distributed:
-                    record["rank_seq_per_s"] = [r[0] for r in per_rank]
-                    record["rank_data_wait_frac"] = [r[1] for r in per_rank]
+                per_rank = ranks.gather(interval.rank_figures(stats), "gathering the figures")
+                record = training_record(
+                    step, values, interval, per_rank, list(stats), world_size=ranks.world_size,
+                    lr=scheduler.get_last_lr()[0], loss_scale=scaler.get_scale() if runtime.use_scaler else None,
+                    instances_per_step=train.train_batch_size, epoch_instances=source.epoch_instances,
+                    elapsed_s=time.perf_counter() - run_start)
                 if evaluate_now and evaluator is not None:
                     record.update(evaluator(model).to_record())
                 metrics.write(record)
@@ -603,30 +619,21 @@ def train_loop(model, source, optimizer, scheduler, scaler, runtime: Runtime, tr
                 if evaluate_now:
                     ranks.barrier("waiting for rank 0's evaluation")
                 sums.zero_()
-                instances = micro_batches = steps_in_interval = 0
-                wait_s = excluded_s = 0.0
-                interval_start = time.perf_counter()
+                interval = Interval()
             if last or (train.save_steps and step % train.save_steps == 0):
                 t0 = time.perf_counter()
-                saved = (step, save(step, source_state))
-                excluded_s += time.perf_counter() - t0
+                saved = (step, ctx.save(step, source_state))
+                interval.excluded_s += time.perf_counter() - t0
     except StopRequested:
         # At a step boundary, the same on every rank: gradients of a half-accumulated step are dropped, and
         # the checkpoint holds the model, optimizer and source position as they were after `step`.
-        path = saved[1] if saved[0] == step else save(step, source_state)
+        path = saved[1] if saved[0] == step else ctx.save(step, source_state)
         raise StoppedEarly(step, path) from None
     except DataTimeout:
         # No batch for --data_timeout, at a step boundary: keep the steps trained since the last checkpoint, so
         # the same command resumes there. One process only: with several, the others stop on PeerFailed (which
         # also means a lost rank), and a checkpoint needs every rank.
-        if not ranks.distributed and step > start_step and saved[0] != step:
-            save(step, source_state)
+        if not ranks.distributed and step > ctx.start_step and saved[0] != step:
+            ctx.save(step, source_state)
         raise
     return step
-
-
-def _eval_record(step: int, scheduler, result, total_steps: int) -> dict:
-    """The record of an evaluation outside a logging step (the one before training)."""
-    record = {"step": step, "lr": scheduler.get_last_lr()[0], **result.to_record()}
-    log.info("%s", progress_line(record, total_steps))
-    return record

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.progress import log
@@ -19,6 +21,59 @@ from common.progress import log
 METRICS_FILE = "metrics.jsonl"
 TRAIN_FIELDS = ("step", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "lr", "seq_per_s",
                 "data_wait_frac")
+# The sums the training loop keeps on the device over an interval (one tensor, so a logging step syncs once),
+# in this order: loss, its parts and the accuracy counts over micro-batches, the gradient norm over steps.
+DEVICE_SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "grad_norm")
+
+
+@dataclass
+class Interval:
+    """One logging interval's host-side counts on this rank: the loop adds to them, `training_record` reads them."""
+
+    instances: int = 0
+    micro_batches: int = 0
+    steps: int = 0
+    wait_s: float = 0.0  # blocked on the source
+    excluded_s: float = 0.0  # evaluating and saving: left out of the throughput
+    start_s: float = field(default_factory=time.perf_counter)
+
+    def rank_figures(self, stats: dict) -> list[float]:
+        """This rank's [sequences/s, share of time waiting for data, *source counters], for gathering."""
+        wall = time.perf_counter() - self.start_s - self.excluded_s
+        return [self.instances / wall, min(1.0, self.wait_s / wall), *stats.values()]
+
+
+def training_record(step: int, sums: list[float], interval: Interval, per_rank: list[list[float]],
+                    stat_keys: list[str], *, world_size: int, lr: float, loss_scale: float | None,
+                    instances_per_step: int, epoch_instances: int | None, elapsed_s: float) -> dict:
+    """The record of a logging step: `sums` (DEVICE_SUMS, every rank's added) over this rank's `interval`, which
+    every rank has alike, and `per_rank`, each rank's `Interval.rank_figures`."""
+    totals = dict(zip(DEVICE_SUMS, sums))
+    all_instances, all_micro_batches = interval.instances * world_size, interval.micro_batches * world_size
+    record = {
+        "step": step,
+        "epoch": (step * instances_per_step / epoch_instances) if epoch_instances else None,
+        "loss": totals["loss"] / all_micro_batches, "mlm_loss": totals["mlm_loss"] / all_micro_batches,
+        "nsp_loss": totals["nsp_loss"] / all_micro_batches,
+        "mlm_accuracy": totals["mlm_correct"] / max(totals["mlm_count"], 1.0),
+        "nsp_accuracy": totals["nsp_correct"] / all_instances,
+        "lr": lr,
+        "grad_norm": totals["grad_norm"] / (interval.steps * world_size),  # equal on every rank
+        "loss_scale": loss_scale,
+        # The run goes at its slowest rank's pace, so its data wait is the largest rank's.
+        "seq_per_s": sum(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank),
+        "elapsed_s": elapsed_s,
+        **{key: int(sum(r[2 + i] for r in per_rank)) for i, key in enumerate(stat_keys)},
+    }
+    if world_size > 1:
+        record["rank_seq_per_s"] = [r[0] for r in per_rank]
+        record["rank_data_wait_frac"] = [r[1] for r in per_rank]
+    return record
+
+
+def evaluation_record(step: int, lr: float, result: dict) -> dict:
+    """The record of an evaluation outside a logging step (the one before training): step, lr and eval_*."""
+    return {"step": step, "lr": lr, **result}
 
 
 class MetricsLog:
