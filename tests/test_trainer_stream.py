@@ -185,3 +185,25 @@ def test_an_endpoint_in_use_is_a_clear_error(tiny_model_dir, tmp_path):
         taken.close(linger=0)
     assert code == EXIT_ERROR
     assert any(line.startswith(f"cannot bind --bind {endpoint}") for line in lines), lines
+
+
+def test_the_trainer_records_the_blend_it_trains_on(tiny_model_dir, corpus, tmp_path):
+    """A blend as trained, from the trainer's side: each record carries the shares of the instances received
+    from each corpus (the headers' counts), and the progress line shows them."""
+    from common.wire import Header, encode
+
+    batches = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=8)
+    counts = [(6, 2), (7, 1), (5, 3), (8, 0)] * 2  # 52 of the 64 instances from corpus 0: 0.8125
+    fingerprint = vocabulary(tiny_model_dir).fingerprint(64)
+    frames = [encode(Header("blend:1", 0, 0, i, 64, fingerprint, seed=1, blend=c), b)
+              for i, (c, b) in enumerate(zip(counts, batches))]
+    endpoint, out = free_tcp_endpoint(), tmp_path / "out"
+    Sender(endpoint, frames, out).start()
+    with captured_log() as lines:
+        # Eight steps of eight take all 64 instances, so the last record has seen every message.
+        code = main(trainer_flags(tiny_model_dir, out, "--bind", endpoint, "--max_steps", "8", "--logging_steps",
+                                  "4", "--save_steps", "0", "--mix_rows", "0", "--data_timeout", str(TIMEOUT_S)))
+    assert code == EXIT_OK, "\n".join(lines)
+    last = train_records(out)[-1]
+    assert last["step"] == 8 and last["blend_shares"] == pytest.approx([52 / 64, 12 / 64])
+    assert any("blend 0.812/0.188" in line for line in lines)

@@ -611,6 +611,9 @@ def train_loop(ctx: TrainContext) -> int:
                     lr=scheduler.get_last_lr()[0], loss_scale=scaler.get_scale() if runtime.use_scaler else None,
                     instances_per_step=train.train_batch_size, epoch_instances=source.epoch_instances,
                     elapsed_s=time.perf_counter() - run_start)
+                shares = getattr(source, "blend_shares", lambda: None)()
+                if shares is not None:  # this rank's received instances by corpus: the blend as trained here
+                    record["blend_shares"] = shares
                 if evaluate_now and evaluator is not None:
                     record.update(evaluator(model).to_record())
                 metrics.write(record)

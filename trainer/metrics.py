@@ -148,6 +148,8 @@ def progress_line(record: dict, total_steps: int) -> str:
         if record.get("rank_seq_per_s"):  # several ranks: each one's throughput and data wait
             parts.append("by rank " + " ".join(f"{s:.1f}" for s in record["rank_seq_per_s"]) + " seq/s, wait "
                          + " ".join(f"{100 * w:.0f}%" for w in record["rank_data_wait_frac"]))
+        if record.get("blend_shares"):
+            parts.append("blend " + "/".join(f"{share:.3f}" for share in record["blend_shares"]))
         if record.get("messages_rejected"):
             parts.append(f"rejected {record['messages_rejected']}")
     if "eval_loss" in record:

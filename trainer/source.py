@@ -223,6 +223,8 @@ class StreamSource:
         self._rejected_since_note = 0
         self._last_reject_note = -float("inf")
         self._producers: set[str] = set()  # producer ids seen, each logged once (up to NOTED_PRODUCERS)
+        # Instances received from each corpus of a blend (--corpus_weights on the producers), from the headers.
+        self.blend_instances: list[int] = []
         self._seed_owner: dict[int, str] = {}  # seed -> the first producer seen sending it
 
     # --- loop side --------------------------------------------------------------------------------------
@@ -360,6 +362,7 @@ class StreamSource:
             self.max_seq_len = fp.max_seq_len
             self.epoch_instances = message.header.epoch_instances or None
             self._note_producer(message.header)
+            self._count_blend(message.header)
             return message.batch
         problems = self._stream_fingerprint.mismatches(fp)
         if fp.max_seq_len != self.max_seq_len:
@@ -369,7 +372,23 @@ class StreamSource:
                          producer=message.header.producer_id)
             return None
         self._note_producer(message.header)
+        self._count_blend(message.header)
         return message.batch
+
+    def _count_blend(self, header: Header) -> None:
+        """Add a blended message's per-corpus counts (a header without a blend counts for none)."""
+        if header.blend is None:
+            return
+        if len(header.blend) > len(self.blend_instances):
+            self.blend_instances += [0] * (len(header.blend) - len(self.blend_instances))
+        for corpus, count in enumerate(header.blend):
+            self.blend_instances[corpus] += count
+
+    def blend_shares(self) -> list[float] | None:
+        """Each corpus's share of the instances received so far, None without a blend."""
+        counts = list(self.blend_instances)  # a copy: the receive thread appends to it
+        total = sum(counts)
+        return [count / total for count in counts] if total else None
 
     def _note_producer(self, header: Header) -> None:
         """One line per producer process that feeds the stream: a restarted or added producer shows up.
