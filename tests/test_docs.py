@@ -18,6 +18,8 @@ _PATH = re.compile(r"(?<![\w./-])((?:\.ci|common|producer|trainer|tests|scripts|
 _TOP_FILE = re.compile(r"`(Dockerfile|docker-compose(?:\.override)?\.yml|constraints\.txt|pyproject\.toml)`")
 # benchmarks/README.md names its scripts by bare name (`bench_p1_worker.py`), the seed's scripts too.
 _BARE_SCRIPT = re.compile(r"`(\w+\.(?:py|sh))`")
+# A test named as file::function, with or without `tests/` (the faults table names dozens): both must exist.
+_TEST = re.compile(r"(?:tests/)?(test_\w+\.py)::(\w+)")
 _SEED_SCRIPTS = {"pregenerate_training_data.py", "finetune_on_pregenerated.py", "simple_lm_finetuning.py"}
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 _FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9_-]*[a-z0-9]")
@@ -102,6 +104,19 @@ def test_every_path_the_docs_name_exists():
                         for path in paths if not path.exists()]
     assert not missing, "the docs name paths that do not exist:\n" + "\n".join(missing)
     assert checked > 50  # the patterns still find the paths the docs are full of
+
+
+def test_every_test_the_docs_name_exists():
+    missing, checked = [], 0
+    for doc in DOCS:
+        for number, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for file, function in _TEST.findall(line):
+                checked += 1
+                source = REPO / "tests" / file
+                if not source.is_file() or not re.search(rf"^\s*(?:async )?def {function}\(", source.read_text(), re.M):
+                    missing.append(f"{doc.relative_to(REPO)}:{number}: tests/{file}::{function}")
+    assert not missing, "the docs name tests that do not exist:\n" + "\n".join(missing)
+    assert checked > 20  # the faults table names its tests
 
 
 def test_every_relative_link_and_anchor_resolves():
