@@ -1,12 +1,12 @@
-"""The README's flag tables, generated from the two command-line parsers so they cannot drift.
+"""The flag tables of docs/flags.md, generated from the two command-line parsers so they cannot drift.
 
 The trainer's parser is itself made from the flags declared on trainer/config.py's fields (common/flags.py),
 so a flag's name, default and help are written once, there.
 
     python scripts/flags_table.py           # print the tables
-    python scripts/flags_table.py --write   # replace the block between the README's flags markers
+    python scripts/flags_table.py --write   # replace the block between docs/flags.md's markers
 
-tests/test_readme.py fails when the README's block differs from what this prints.
+tests/test_docs.py fails when docs/flags.md's block differs from what this prints.
 """
 
 from __future__ import annotations
@@ -76,13 +76,13 @@ def readme_block(readme: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="update README.md in place")
+    parser.add_argument("--write", action="store_true", help="update docs/flags.md in place")
     args = parser.parse_args()
     generated = render()
     if not args.write:
         print(generated)
         return
-    readme_path = REPO / "README.md"
+    readme_path = REPO / "docs" / "flags.md"
     readme = readme_path.read_text(encoding="utf-8")
     readme_path.write_text(readme.replace(readme_block(readme), generated), encoding="utf-8")
     print(f"updated {readme_path}")
