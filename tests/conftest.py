@@ -120,3 +120,15 @@ def free_tcp_endpoint() -> str:
 @pytest.fixture
 def endpoint() -> str:
     return free_tcp_endpoint()
+
+
+# `python -c PRODUCER_WITHOUT_TORCH FLAGS...` runs the producer's main and fails if torch or transformers got
+# imported: the producer must stay small and quick to start (common/vocab.py says why).
+PRODUCER_WITHOUT_TORCH = (
+    "import sys\n"
+    "from producer.__main__ import main\n"
+    "status = main(sys.argv[1:])\n"
+    "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+    "assert not heavy, f'the producer imported {heavy}'\n"
+    "sys.exit(status)\n"
+)
