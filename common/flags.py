@@ -1,7 +1,7 @@
 """Command-line flags declared once, on the config dataclasses' fields; the parsers and `--config FILE` follow.
 
 A field declared with `flag(help, default)` is a flag: its name (or `name=`), type, default and help come
-from the field, so the parser, `--help` and the README's flag tables (scripts/flags_table.py) cannot drift
+from the field, so the parser, `--help` and the flag tables in docs/flags.md (scripts/flags_table.py) cannot drift
 from the config. Fields without `flag(...)` are not flags (a rank set by torchrun, a constant).
 `--config FILE` reads a YAML or JSON mapping of flag names (without the dashes) to values, as users of
 transformers' `HfArgumentParser.parse_yaml_file` expect; flags on the command line win over the file, and a
@@ -66,7 +66,7 @@ def _base_type(hint: Any) -> Any:
 def add_flags(parser: argparse.ArgumentParser, groups: dict[str, argparse._ArgumentGroup], *classes: type) -> None:
     """One argument per flag field of `classes`, each in its group (`groups[Flag.group]`): group by group in the
     order of `groups`, and within a group in the order of `classes` and their fields, so `--help` and the
-    README's tables (which list the parser's arguments in order) read alike."""
+    tables in docs/flags.md (which list the parser's arguments in order) read alike."""
     order = {"": -1, **{key: i for i, key in enumerate(groups)}}
     declared = [(cls, *spec) for cls in classes for spec in flag_fields(cls)]
     for cls, field, how, hint in sorted(declared, key=lambda d: order[d[2].group]):  # a stable sort

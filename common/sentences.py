@@ -1,7 +1,7 @@
 """Lines → sentences for `--split_sentences`: Bling Fire's sentence breaker, chosen by measurement.
 
 benchmarks/bench_splitters.py compared it with pysbd, syntok and a regex baseline on 2.7 MB of King James
-Bible paragraphs with known boundaries (README, "Input formats"): Bling Fire made 0.3 errors per 1,000
+Bible paragraphs with known boundaries (docs/producer.md, "Input formats"): Bling Fire made 0.3 errors per 1,000
 boundaries at 22 MB/s, pysbd 3.4 at 0.06 MB/s (a 1 GB corpus would take hours even on 16 cores), syntok 33 at
 1.4 MB/s, the regex 8.9 at 16 MB/s (and it splits "Dr. Smith"). Bling Fire is a native library in a
 pure-Python wheel (about 100 MB installed, most of it tokenizer models we do not use), so it is the optional

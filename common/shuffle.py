@@ -30,7 +30,7 @@ from common.index import CorpusIndex
 from common.instances import IGNORE_INDEX, Batch, ScalarDraws, create_pairs_from_document, make_batch, pairs_array
 from common.vocab import Vocabulary
 
-# Sized with `benchmarks/bench_mixing.py --sweep` (2000 documents of 150 sentences, ~37 pairs each; README,
+# Sized with `benchmarks/bench_mixing.py --sweep` (2000 documents of 150 sentences, ~37 pairs each; benchmarks/README.md,
 # "Mixed batches"). Producer: 16384 pairs give 0.99 of a uniform draw's distinct documents per 32 rows of a
 # worker's messages (8192: 0.97, 4096: 0.93), for 0.9 MB of pairs (56 bytes each) and ~0.15 CPU-s of chunk
 # loop before a worker's first message of each epoch.

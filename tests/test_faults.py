@@ -1,6 +1,6 @@
 """Faults done for real to real processes: kill -9 of a producer worker, of the whole producer and of the trainer
 (also in the middle of a checkpoint), SIGTERM, a full disk, bad messages at a real trainer's socket, bad corpora
-and bad flags at the producer command. The README's "Faults, bad input and security" section is the table of these tests and what they observe.
+and bad flags at the producer command. docs/faults-and-security.md is the table of these tests and what they observe.
 
 Covered elsewhere and not repeated here: the producer's worker restart keeps the stream exactly-once except for
 the dead process's queued batches (test_producer.py), a trainer killed by SIGTERM while waiting for data

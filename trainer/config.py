@@ -1,7 +1,7 @@
 """The trainer's configuration: one frozen dataclass per concern, each field that is a flag declared with it.
 
 `flag(help, default, group=...)` (common/flags.py) makes a field a command-line flag: `trainer.cli` builds its
-parser, `--help` and the README's flag tables from these declarations, and validation lives in each class's
+parser, `--help` and the flag tables in docs/flags.md from these declarations, and validation lives in each class's
 `__post_init__`, so a config built in a test is checked as the command line's is. Nothing heavy is imported
 here (no torch), and `cli`, `loop` and `distributed` all import this module rather than each other.
 """
@@ -194,7 +194,7 @@ class DistributedConfig:
     """This process's place among the training processes: the one place rank and world size are decided.
 
     torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; with WORLD_SIZE above 1 every process
-    trains with DDP on its own stream (see the README, "Several GPUs and several producer hosts"). Only rank 0
+    trains with DDP on its own stream (see docs/scaling.md). Only rank 0
     writes (metrics, checkpoints, the final model).
     """
 

@@ -2,7 +2,7 @@
 
 docker-compose.yml runs `python scripts/compose/entrypoint.py trainer|producer [options] -- FLAGS`, FLAGS being
 the flags of bertstream-trainer or bertstream-producer. Compose itself cannot give the three promises of the
-README's compose section (read from docker/compose's pkg/compose/up.go and monitor.go, and torch 2.13's
+docs/compose.md (read from docker/compose's pkg/compose/up.go and monitor.go, and torch 2.13's
 torch/distributed/launcher/api.py): under `--exit-code-from` the first container exit of any service, even
 one its restart policy would restart, stops the whole project; and torchrun turns a rank's exit 75 into its
 own exit 1. So the restarts happen in here, inside a container that stays up:
