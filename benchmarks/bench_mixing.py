@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import support  # noqa: E402  (puts the repository and tests/ on sys.path)
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from common.instances import Batch  # noqa: E402
@@ -53,11 +54,9 @@ HAS_SHUFFLE = "--shuffle_pairs" in build_parser().format_help()
 
 
 def as_batch(tensors) -> Batch:
-    """A trainer micro-batch (tensors) as the Batch the statistic reads."""
-    lengths = tensors.attention_mask.sum(dim=1).numpy()
-    return Batch(tensors.input_ids.numpy(), tensors.token_type_ids.numpy(), lengths,
-                 tensors.masked_positions.numpy(), tensors.masked_labels.numpy(),
-                 tensors.next_sentence_labels.numpy())
+    """A trainer micro-batch (compact host tensors) as the Batch the statistic reads."""
+    wide = tensors.to(torch.device("cpu"))  # int64, as on the device
+    return Batch(*(getattr(wide, name).numpy() for name in Batch.FIELDS))
 
 
 def producer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *flags: str) -> dict:

@@ -56,7 +56,7 @@ def stock_loop(args) -> None:
     vocab, index = support.build_index(args.corpus, Path(args.model), args.cache_dir)
     batches = []
     for _, batch in iter_worker_batches(index, GenerationConfig(), vocab, 42, 0, 1, 32):  # as P3's child
-        batches.append(to_tensors(batch, pin_memory=False))
+        batches.append(to_tensors(batch, pin_memory=False).to(torch.device("cpu")))
         if len(batches) >= args.steps:
             break
     model = transformers.BertForPreTraining.from_pretrained(args.model)
@@ -68,7 +68,7 @@ def stock_loop(args) -> None:
     with open(out / "stock.jsonl", "w") as log:
         start = time.perf_counter()
         for step, batch in enumerate(batches, 1):
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                          token_type_ids=batch.token_type_ids, labels=batch.dense_mlm_labels(),
                          next_sentence_label=batch.next_sentence_labels).loss
             loss.item()  # the seed's loop reads the loss every step (tqdm's postfix, the running mean)

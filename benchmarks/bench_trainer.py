@@ -113,6 +113,7 @@ def bench_heads(args, corpus: str) -> dict:
     rng = np.random.default_rng(0)
     instances = iter_instances(index, rng.permutation(index.num_documents), config, vocab, rng)
     batches = [to_tensors(collate([next(instances) for _ in range(args.batch_size)], config, vocab), False)
+               .to(torch.device("cpu"))
                for _ in range(args.steps_per_repeat)]
 
     torch.manual_seed(0)
@@ -128,7 +129,7 @@ def bench_heads(args, corpus: str) -> dict:
             if (i + 1) % args.logging_steps == 0:
                 sums.item()  # the loop's only sync, on logging steps
         else:
-            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            loss = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask.long(),
                          token_type_ids=batch.token_type_ids, labels=batch.dense_mlm_labels(),
                          next_sentence_label=batch.next_sentence_labels).loss
             loss.item()  # the seed's loop reads the loss every step

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from common.config import CorpusConfig, GenerationConfig
 from common.index import build_or_load_index
@@ -49,9 +50,9 @@ def index(tiny_model_dir, long_corpus, vocab, tmp_path_factory):
 
 
 def as_batch(tensors) -> Batch:
-    """A trainer micro-batch (int64 tensors) as the Batch the statistic reads."""
-    return Batch(tensors.input_ids.numpy(), tensors.token_type_ids.numpy(), tensors.attention_mask.sum(dim=1).numpy(),
-                 tensors.masked_positions.numpy(), tensors.masked_labels.numpy(), tensors.next_sentence_labels.numpy())
+    """A trainer micro-batch (compact host tensors) as the Batch the statistic reads."""
+    wide = tensors.to(torch.device("cpu"))  # int64, as on the device
+    return Batch(*(getattr(wide, name).numpy() for name in Batch.FIELDS))
 
 
 # --- the statistic at both levels -------------------------------------------------------------------------

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from common.instances import IGNORE_INDEX, Batch
+from common.lengths import Widths, fit_width, multiple_widths, trim
 from trainer.model import load_model, parameter_groups, pretraining_loss, stock_pretraining_loss
 from trainer.source import to_tensors
 from trainer_support import real_batches
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_model_dir, tmp_path_factory):
+def raw_batch(tiny_model_dir, tmp_path_factory) -> Batch:
+    """12 real instances at max_seq_len 64, padded to it."""
     from conftest import write_corpus
 
     tmp = tmp_path_factory.mktemp("model_batch")
@@ -22,8 +26,13 @@ def batch(tiny_model_dir, tmp_path_factory):
     # One instance with no masked position at all (whole-word masking can produce it): it must add nothing.
     labels, positions = b.masked_labels.copy(), b.masked_positions.copy()
     labels[3], positions[3] = IGNORE_INDEX, 0
-    return to_tensors(Batch(b.input_ids, b.token_type_ids, b.lengths, positions, labels, b.next_sentence_labels),
-                      pin_memory=False)
+    return Batch(b.input_ids, b.token_type_ids, b.lengths, positions, labels, b.next_sentence_labels)
+
+
+@pytest.fixture(scope="module")
+def batch(raw_batch):
+    """The batch as the model gets it on the device (int64)."""
+    return to_tensors(raw_batch, pin_memory=False).to(torch.device("cpu"))
 
 
 def grads_after(model, loss_fn, batch) -> tuple[torch.Tensor, dict]:
@@ -63,19 +72,45 @@ def test_dense_labels_put_each_label_at_its_position(batch):
     assert bool(dense[3].eq(IGNORE_INDEX).all())  # the instance without masks
 
 
-def test_masked_head_ignores_padding_slots(tiny_model_dir, batch):
+def test_masked_head_ignores_padding_slots(tiny_model_dir, raw_batch, batch):
     """Widening the prediction slots with -100 padding changes nothing: the loss is over labelled slots only."""
     model = load_model(tiny_model_dir)
     model.eval()
     pad = 7
-    wider = to_tensors(Batch(
-        input_ids=batch.input_ids.numpy(), token_type_ids=batch.token_type_ids.numpy(),
-        lengths=batch.attention_mask.sum(1).numpy().astype(np.uint16),
-        masked_positions=np.pad(batch.masked_positions.numpy(), ((0, 0), (0, pad))),
-        masked_labels=np.pad(batch.masked_labels.numpy(), ((0, 0), (0, pad)), constant_values=IGNORE_INDEX),
-        next_sentence_labels=batch.next_sentence_labels.numpy()), pin_memory=False)
+    wider = to_tensors(replace(
+        raw_batch, masked_positions=np.pad(raw_batch.masked_positions, ((0, 0), (0, pad))),
+        masked_labels=np.pad(raw_batch.masked_labels, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)),
+        pin_memory=False).to(torch.device("cpu"))
     with torch.no_grad():
         torch.testing.assert_close(pretraining_loss(model, wider).loss, pretraining_loss(model, batch).loss)
+
+
+@pytest.mark.parametrize("loss_fn", [pretraining_loss, stock_pretraining_loss], ids=["masked_head", "stock"])
+def test_a_batch_padded_to_its_longest_row_trains_as_one_padded_to_max_seq_len(tiny_model_dir, raw_batch, loss_fn):
+    """The same loss and every gradient whether the padding columns past the longest row are there or not: a
+    padded position is never attended to as a key and carries no label, so it adds nothing to either."""
+    model = load_model(tiny_model_dir)
+    model.eval()  # no dropout: both passes must see the same network
+    keep = np.flatnonzero(raw_batch.lengths < 56)  # rows of 30 to 53 tokens, the one without masks among them
+    short = Batch(**{name: getattr(raw_batch, name)[keep] for name in Batch.FIELDS})
+    assert len(keep) >= 4 and 3 in keep
+    longest = int(short.lengths.max())
+    widths = Widths(multiple_widths(64))
+    assert widths.of(longest) < 64  # padding columns to cut
+    full = to_tensors(short, pin_memory=False).to(torch.device("cpu"))
+    cut = to_tensors(trim(short, widths, pad_id=0), pin_memory=False).to(torch.device("cpu"))
+    exact = to_tensors(fit_width(short, longest, pad_id=0), pin_memory=False).to(torch.device("cpu"))
+    assert cut.width == widths.of(longest) and exact.width == longest and full.width == 64
+    full_out, full_grads = grads_after(model, loss_fn, full)
+    for narrow in (cut, exact):
+        out, grads = grads_after(model, loss_fn, narrow)
+        torch.testing.assert_close(out.loss, full_out.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.mlm_loss, full_out.mlm_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.nsp_loss, full_out.nsp_loss, rtol=1e-5, atol=1e-6)
+        assert int(out.mlm_correct) == int(full_out.mlm_correct) and int(out.nsp_correct) == int(full_out.nsp_correct)
+        assert set(grads) == set(full_grads)
+        for name in full_grads:
+            torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_no_weight_decay_on_biases_and_layernorm(tiny_model_dir):

@@ -43,12 +43,19 @@ def test_concat_pads_prediction_slots_to_the_widest():
     assert joined.masked_labels[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
-def test_to_tensors_gives_int64_and_the_attention_mask():
+def test_to_tensors_keeps_the_compact_dtypes_and_the_device_gets_int64():
     batch = numbered_batch(0, 3)
     batch.lengths[:] = [8, 6, 5]
+    batch.input_ids[0, :2] = [40000, 65535]  # uint16 ids above int16's range survive the int16 transfer
     tensors = to_tensors(batch, pin_memory=False)
-    assert all(getattr(tensors, f).dtype == torch.int64 for f in tensors.__dataclass_fields__)
-    assert tensors.attention_mask.sum(1).tolist() == [8, 6, 5]
+    assert tensors.input_ids.dtype == torch.int16 and tensors.token_type_ids.dtype == torch.uint8
+    assert tensors.input_ids.element_size() * tensors.input_ids.numel() == batch.input_ids.nbytes
+    assert tensors.tokens == 19
+    wide = tensors.to(torch.device("cpu"))
+    assert all(getattr(wide, f).dtype == torch.int64 for f in wide.ARRAYS)
+    assert wide.input_ids.numpy().tolist() == batch.input_ids.astype(np.int64).tolist()
+    assert wide.masked_labels.numpy().tolist() == batch.masked_labels.astype(np.int64).tolist()  # -100 kept
+    assert wide.attention_mask.sum(1).tolist() == [8, 6, 5] and wide.tokens == 19
 
 
 def test_memory_source_resumes_at_its_position():

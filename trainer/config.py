@@ -65,6 +65,17 @@ class SourceConfig:
         "rows pooled from the received messages; each micro-batch is drawn at random from the pool (seeded by --seed "
         "and the rank), so it mixes documents, workers and producers; raised to the micro-batch if smaller; 0: "
         "arrival order (default %(default)s)", DEFAULT_MIX_ROWS, group="stream")
+    # Micro-batches of rows of similar length (common.shuffle.RowPool), so padding each to its longest row leaves
+    # little padding; off, rows are drawn from the pool regardless of length.
+    group_by_length: bool = flag(
+        "draw each micro-batch from the mixing pool at random regardless of length (default: rows of similar "
+        "length, drawn so the lengths trained on follow the stream's)", True, group="stream",
+        name="no_group_by_length", negated=True)
+    # 0: PAD_MULTIPLE (8), or with --compile the ladder of common.lengths.compile_widths.
+    pad_to_multiple_of: int = flag(
+        "pad each micro-batch to its longest row rounded up to a multiple of this (0: 8, or with --compile a "
+        "ladder of 8 widths at seq 128, 14 at 512); max_seq_len or more pads every batch to max_seq_len", 0,
+        group="run")
     max_message_bytes: int = flag("larger frames are dropped unread (ZMQ_MAXMSGSIZE and the decoder's limit)",
                                   DEFAULT_MAX_MESSAGE_BYTES, group="stream")
     curve_secret_key: str | None = flag(
@@ -85,6 +96,9 @@ class SourceConfig:
             raise ValueError(f"--prefetch_batches must be >= 1, got {self.prefetch_batches}")
         if self.mix_rows < 0:
             raise ValueError(f"--mix_rows must be >= 0 (0 = arrival order), got {self.mix_rows}")
+        if self.pad_to_multiple_of < 0:
+            raise ValueError(f"--pad_to_multiple_of must be >= 0 (0 = the default widths), got "
+                             f"{self.pad_to_multiple_of}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"--max_message_bytes must be >= 1024, got {self.max_message_bytes}")
         security.both_or_neither(("--curve_secret_key", self.curve_secret_key),
@@ -130,6 +144,9 @@ class TrainConfig:
     # Continue from the newest complete checkpoint in output_dir.
     resume: bool = flag("start afresh: delete the checkpoints and metrics of an earlier run in --output_dir", True,
                         group="run", name="no_resume", negated=True)
+    allow_max_seq_len_change: bool = flag(
+        "resume from a checkpoint trained at another max_seq_len (BERT's two phases: most steps at 128, then 512); "
+        "the schedule and optimizer continue", False, group="run")
     weight_decay: float = 0.01  # AdamW decay, except on biases and LayerNorm weights
     max_grad_norm: float = 1.0
     world_size: int = 1  # training processes (torchrun's WORLD_SIZE); each takes an equal share of every step
@@ -179,6 +196,8 @@ class DeviceConfig:
                       group="seed")
     loss_scale: float = flag("fp16: 0 = dynamic, else a static scale", 0.0, group="seed")
     bf16: bool = flag("bfloat16 autocast, no loss scaling", False, group="run")
+    compile: bool = flag("torch.compile the model's training step: one graph per width (see --pad_to_multiple_of)",
+                         False, group="run")
 
     def __post_init__(self) -> None:
         if self.fp16 and self.bf16:

@@ -56,15 +56,15 @@ class DataTimeout(TrainerError):
 
 
 def to_tensors(batch: Batch, pin_memory: bool) -> TensorBatch:
-    """int64 tensors for the model (embedding indices, gather indices and cross-entropy targets)."""
+    """The batch as host tensors in its compact dtypes (see TensorBatch), pinned for an asynchronous copy."""
     def tensor(array: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+        if array.dtype == np.uint16:  # torch's uint16 has few operations; its bits as int16 have them all
+            array = array.view(np.int16)
+        t = torch.from_numpy(np.ascontiguousarray(array))
         return t.pin_memory() if pin_memory else t
 
-    return TensorBatch(
-        input_ids=tensor(batch.input_ids), token_type_ids=tensor(batch.token_type_ids),
-        attention_mask=tensor(batch.attention_mask()), masked_positions=tensor(batch.masked_positions),
-        masked_labels=tensor(batch.masked_labels), next_sentence_labels=tensor(batch.next_sentence_labels))
+    return TensorBatch(**{name: tensor(getattr(batch, name)) for name in TensorBatch.ARRAYS},
+                       tokens=int(batch.lengths.sum(dtype=np.int64)))
 
 
 def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
