@@ -44,6 +44,7 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from common.instances import Batch  # noqa: E402
+from common.lengths import stream_widths  # noqa: E402
 from common.wire import decode  # noqa: E402
 from conftest import write_tiny_model  # noqa: E402
 from mixing_support import (ROWS, distinct_per_micro_batch, segment_documents, uniform_distinct,  # noqa: E402
@@ -92,8 +93,9 @@ def producer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *
 
 
 def trainer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *flags: str,
-                  mix_rows: int | None = None) -> dict:
-    """`mix_rows` None: the trainer's default (`--mix_rows`, where the code has it)."""
+                  mix_rows: int | None = None, group: bool = True) -> dict:
+    """`mix_rows` None: the trainer's default (`--mix_rows`, where the code has it); `group`: rows of similar
+    length per micro-batch (the default, where the code has it) or not (`--no_group_by_length`)."""
     from trainer.source import DataTimeout, StreamSource
 
     endpoint = support.free_endpoint()
@@ -102,6 +104,8 @@ def trainer_level(corpus: Path, model: Path, cache: str, vocab, workers: int, *f
         from common.shuffle import DEFAULT_MIX_ROWS
 
         kwargs = {"mix_rows": DEFAULT_MIX_ROWS if mix_rows is None else mix_rows, "mix_seed": (42, 0)}
+    if "group_by_length" in inspect.signature(StreamSource).parameters:
+        kwargs["group_by_length"] = group
     source = StreamSource(endpoint, vocab.fingerprint(128), 512, ROWS, pin_memory=False, prefetch_batches=4,
                           max_message_bytes=64 << 20, data_timeout_s=3.0, stop=threading.Event(), **kwargs)
     command = support.producer_command(str(corpus), model, cache, endpoint, "--num_workers", str(workers),
@@ -132,10 +136,14 @@ def figures(args, model: Path) -> None:
     cache = str(Path(args.work) / "cache")
     vocab, _ = support.build_index(str(corpus), model, cache, 1)
     runs = [("producer messages", "defaults", producer_level(corpus, model, cache, vocab, args.workers)),
-            ("trainer micro-batches", "defaults", trainer_level(corpus, model, cache, vocab, args.workers))]
+            ("trainer micro-batches", "defaults", trainer_level(corpus, model, cache, vocab, args.workers)),
+            ("trainer micro-batches", "--no_group_by_length",
+             trainer_level(corpus, model, cache, vocab, args.workers, group=False))]
     if HAS_SHUFFLE:
         runs.append(("trainer micro-batches", "producer --shuffle_pairs 0",
                      trainer_level(corpus, model, cache, vocab, args.workers, "--shuffle_pairs", "0")))
+        runs.append(("trainer micro-batches", "producer --shuffle_pairs 0, --no_group_by_length",
+                     trainer_level(corpus, model, cache, vocab, args.workers, "--shuffle_pairs", "0", group=False)))
         runs.append(("trainer micro-batches", "both off (--shuffle_pairs 0, --mix_rows 0)",
                      trainer_level(corpus, model, cache, vocab, args.workers, "--shuffle_pairs", "0", mix_rows=0)))
     rows = [(level, setting, r["rows"], f"{r['got']:.2f}", f"{r['uniform']:.2f}", f"{r['got'] / r['uniform']:.3f}",
@@ -179,7 +187,8 @@ def sweep(args, model: Path) -> None:
     for capacity in args.rows:
         streams = [iter_worker_batches(index, generation, vocab, 42, w, 2, ROWS, epochs=1, shuffle_pairs=0)
                    for w in range(2)]
-        pool = RowPool(capacity, ROWS, np.random.default_rng([42, 0]))
+        pool = RowPool(capacity, ROWS, np.random.default_rng([42, 0]), max_seq_len=generation.max_seq_len,
+                       pad_id=vocab.pad_id, group=stream_widths(generation.max_seq_len) if args.group else None)
         received, mixed = [], []
         while streams:
             for stream in list(streams):
@@ -213,6 +222,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep_documents", type=int, default=2000)
     parser.add_argument("--pairs", type=int, nargs="+", default=[0, 1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--rows", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192])
+    parser.add_argument("--no_group", dest="group", action="store_false",
+                        help="--sweep: the trainer's pool draws regardless of length (--no_group_by_length)")
     args = parser.parse_args(argv)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     model = Path(args.work) / "tiny"

@@ -48,6 +48,14 @@ def compile_widths(max_seq_len: int, smallest: int = 32, growth: float = COMPILE
     return (*widths, max_seq_len)
 
 
+def stream_widths(max_seq_len: int, multiple: int = 0, compiled: bool = False) -> "Widths":
+    """A stream's widths: multiples of `multiple` if given (max_seq_len or more: max_seq_len alone, every batch
+    padded to it), else the --compile ladder when compiling, else multiples of PAD_MULTIPLE."""
+    if multiple:
+        return Widths(multiple_widths(max_seq_len, multiple))
+    return Widths(compile_widths(max_seq_len) if compiled else multiple_widths(max_seq_len))
+
+
 class Widths:
     """The allowed widths of one stream, and the one a batch of a given longest row is padded to."""
 

@@ -28,6 +28,7 @@ import numpy as np
 from common.config import GenerationConfig
 from common.index import CorpusIndex
 from common.instances import IGNORE_INDEX, Batch, ScalarDraws, create_pairs_from_document, make_batch, pairs_array
+from common.lengths import Widths
 from common.vocab import Vocabulary
 
 # Sized with `benchmarks/bench_mixing.py --sweep` (2000 documents of 150 sentences, ~37 pairs each; benchmarks/README.md,
@@ -138,14 +139,22 @@ def iter_mixed_batches(index: CorpusIndex, documents: Iterable[int], config: Gen
 
 class RowPool:
     """The trainer's mixer: rows of received batches in a fixed pool; when it is full, micro-batches of `size`
-    rows drawn uniformly from it without replacement. Holds at most `capacity` rows (memory fixed at the first
-    batch: capacity x (seq x 3 + predictions x 4 + 3) bytes for a uint16 vocabulary). `capacity` 0 turns it
-    into a pass-through of arrival order (the caller re-slices)."""
+    rows drawn at random from it. Holds at most `capacity` rows (memory fixed at the first batch: capacity x
+    (max_seq_len x 3 + predictions x 4 + 3) bytes for a uint16 vocabulary). `capacity` 0 turns it into a
+    pass-through of arrival order (the caller re-slices).
 
-    def __init__(self, capacity: int, size: int, rng: np.random.Generator):
+    With `group` (the stream's allowed widths, common.lengths) a micro-batch is rows of similar length, so that
+    padding it to its longest row leaves little padding (`similar_rows`); without, rows regardless of length.
+    Rows arrive as wide as their message (the longest row of it, common.wire); the pool pads them to
+    `max_seq_len` with `pad_id`.
+    """
+
+    def __init__(self, capacity: int, size: int, rng: np.random.Generator, *, max_seq_len: int, pad_id: int = 0,
+                 group: Widths | None = None):
         if capacity and capacity < size:
             raise ValueError(f"the mixing pool must hold at least one micro-batch ({size} rows), got {capacity}")
         self.capacity, self.size, self.rng = capacity, size, rng
+        self.max_seq_len, self.pad_id, self.group = max_seq_len, pad_id, group
         self._pool: dict[str, np.ndarray] | None = None
         self.held = 0
 
@@ -159,8 +168,8 @@ class RowPool:
             take = min(self.capacity - self.held, batch.size - start)
             for name, array in self._pool.items():
                 part = getattr(batch, name)[start : start + take]
-                if part.ndim == 2 and part.shape[1] < array.shape[1]:  # fewer prediction slots than the pool
-                    fill = IGNORE_INDEX if name == "masked_labels" else 0
+                if part.ndim == 2 and part.shape[1] < array.shape[1]:  # narrower than the pool: pad the rest
+                    fill = {"masked_labels": IGNORE_INDEX, "input_ids": self.pad_id}.get(name, 0)
                     array[self.held : self.held + take] = fill
                     array[self.held : self.held + take, : part.shape[1]] = part
                 else:
@@ -172,9 +181,13 @@ class RowPool:
         return out
 
     def draw(self) -> Batch:
-        """`size` random held rows (fewer if fewer are held) as a batch of their own; their slots are freed."""
+        """`size` held rows (fewer if fewer are held) as a batch of their own; their slots are freed."""
         n = min(self.size, self.held)
-        chosen = np.sort(self.rng.choice(self.held, n, replace=False))
+        if self.group is None or n == self.held:
+            chosen = self.rng.choice(self.held, n, replace=False)
+        else:
+            chosen = similar_rows(self._pool["lengths"][: self.held], n, self.group.allowed, self.rng)
+        chosen = np.sort(chosen)
         batch = Batch(**{name: array[chosen] for name, array in self._pool.items()})  # fancy indexing copies
         # Keep the held rows in [0, held - n): the survivors past that boundary move into the chosen slots below it.
         keep_below = self.held - n
@@ -188,11 +201,32 @@ class RowPool:
     def _fit(self, batch: Batch) -> None:
         """Allocate the pool at the first batch; widen its prediction slots if a producer sends more."""
         if self._pool is None:
-            self._pool = {name: np.empty((self.capacity, *getattr(batch, name).shape[1:]), getattr(batch, name).dtype)
-                          for name in Batch.FIELDS}
+            self._pool = {}
+            for name in Batch.FIELDS:
+                array = getattr(batch, name)
+                shape = (self.capacity, self.max_seq_len) if name in ("input_ids", "token_type_ids") else \
+                    (self.capacity, *array.shape[1:])
+                self._pool[name] = np.empty(shape, array.dtype)
             return
         width = batch.masked_positions.shape[1]
         if width > self._pool["masked_positions"].shape[1]:
             for name, fill in (("masked_positions", 0), ("masked_labels", IGNORE_INDEX)):
                 old = self._pool[name]
                 self._pool[name] = np.pad(old, ((0, 0), (0, width - old.shape[1])), constant_values=fill)
+
+
+def similar_rows(lengths: np.ndarray, n: int, widths: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """Indices of `n` rows of similar length: an anchor row drawn uniformly, then rows of its width (the allowed
+    width its length is padded to), at random; if too few, rows of the widths below it, nearest first (they add
+    padding but keep the batch's width), then the widths above, nearest first.
+
+    Why so: the anchor makes the width a step trains on a draw from the lengths held, so what is trained follows
+    the stream's length distribution at every point of a run (nothing waits in the pool for its turn: the shortest
+    rows are not all trained at once, at an epoch's start or end); every row of a width is as good as any other
+    for the padding, so they are drawn at random, which keeps the documents mixed as well as the pool can.
+    """
+    bins = np.searchsorted(np.asarray(widths), lengths, side="left")  # a row's width: widths[bin] >= its length
+    anchor = bins[rng.integers(len(lengths))]
+    distance = np.where(bins <= anchor, anchor - bins, bins - anchor + len(widths))  # below before above
+    key = distance + rng.random(len(lengths))  # random within a width, which the integer part keeps apart
+    return np.argpartition(key, n - 1)[:n]

@@ -2,7 +2,8 @@
 
 A message is a msgpack map: protocol version `v`, a header (producer id, the producer's seed, worker,
 epoch, sequence number, the instances of a full epoch) with the fingerprint the trainer must agree with,
-and the batch's arrays as `[dtype, shape, raw little-endian bytes]`. Decoding trusts nothing: every type,
+and the batch's arrays as `[dtype, shape, raw little-endian bytes]`. The token arrays are only as wide as the
+batch's longest row (rounded up to 8), not `max_seq_len`: padding is not worth sending. Decoding trusts nothing: every type,
 dtype, shape, size and value range is checked against the message's own fingerprint, and any failure is a
 `WireError` naming the field.
 """
@@ -16,13 +17,16 @@ import msgpack
 import numpy as np
 
 from common.instances import IGNORE_INDEX, Batch
+from common.lengths import PAD_MULTIPLE, round_up
 from common.vocab import Fingerprint
 
 # 2: the header's `seed` became required. A version 1 trainer would take such messages without reading the
 # seed (it ignores keys it does not know), so it could never warn about two producers repeating each other;
 # a version 2 trainer would reject every version 1 message for the missing field. The bump makes both
 # mismatches one clear "protocol version" line instead.
-PROTOCOL_VERSION = 2
+# 3: the token arrays may be narrower than max_seq_len (down to the longest row). A version 2 trainer would
+# reject every such message for its shape, one warning per few seconds; the bump says why in one line.
+PROTOCOL_VERSION = 3
 MAX_SEED = (1 << 63) - 1  # seeds are non-negative and fit an int64 (what numpy and torch can take whole)
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20  # a 4096 x 512 batch is ~9 MB; anything far above is not ours
 MAX_BATCH = 65536
@@ -70,10 +74,17 @@ class Message:
 
 
 def encode(header: Header, batch: Batch) -> bytes:
-    """A fresh bytes object each call, so ZeroMQ's zero-copy send never sees a buffer we later change."""
+    """A fresh bytes object each call, so ZeroMQ's zero-copy send never sees a buffer we later change.
+
+    The token arrays are cut to the longest row rounded up to PAD_MULTIPLE (never widened): at seq 512 on short
+    documents that leaves out four fifths of the bytes, all of them padding.
+    """
+    width = min(batch.input_ids.shape[1], round_up(int(batch.lengths.max()), PAD_MULTIPLE))
     arrays = {}
     for name in Batch.FIELDS:
         array = getattr(batch, name)
+        if name in ("input_ids", "token_type_ids"):
+            array = array[:, :width]
         little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         arrays[name] = [little.dtype.str, list(little.shape), little.tobytes()]
     return msgpack.packb(
@@ -191,9 +202,12 @@ def _batch(arrays: dict, fp: Fingerprint) -> Batch:
     size, seq = len(a["lengths"]) if a["lengths"].ndim == 1 else -1, fp.max_seq_len
     if not 1 <= size <= MAX_BATCH:
         raise WireError("arrays.lengths", f"batch size {size} outside [1, {MAX_BATCH}] or not 1-D")
+    width = a["input_ids"].shape[-1]  # as wide as the longest row or wider, up to max_seq_len
+    if not 1 <= width <= seq:
+        raise WireError("arrays.input_ids", f"{width} positions wide; max_seq_len is {seq}")
     preds = a["masked_positions"].shape[-1]
     shapes = {
-        "input_ids": (size, seq), "token_type_ids": (size, seq), "lengths": (size,),
+        "input_ids": (size, width), "token_type_ids": (size, width), "lengths": (size,),
         "masked_positions": (size, preds), "masked_labels": (size, preds), "next_sentence_labels": (size,),
     }
     for name, shape in shapes.items():
@@ -203,7 +217,8 @@ def _batch(arrays: dict, fp: Fingerprint) -> Batch:
         raise WireError("arrays.masked_positions", f"{preds} prediction slots for max_seq_len {seq}")
 
     lengths = a["lengths"].astype(np.int64)
-    _check(lengths.min() >= 5 and lengths.max() <= seq, "lengths", f"values must be in [5, {seq}]")
+    _check(lengths.min() >= 5 and lengths.max() <= width, "lengths",
+           f"values must be in [5, {width}] (the arrays' width; max_seq_len {seq})")
     ids = a["input_ids"]
     _check(int(ids.min()) >= 0 and int(ids.max()) < fp.vocab_size, "input_ids",
            f"ids must be in [0, {fp.vocab_size})")

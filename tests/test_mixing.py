@@ -169,7 +169,7 @@ def random_batches(rng: np.random.Generator, sizes, width: int = 4, seq: int = 1
 
 
 def pool_output(batches, seed: int, capacity: int = 64, size: int = 8) -> tuple[list[Batch], RowPool]:
-    pool = RowPool(capacity, size, np.random.default_rng(seed))
+    pool = RowPool(capacity, size, np.random.default_rng(seed), max_seq_len=batches[0].input_ids.shape[1])
     out = [micro for batch in batches for micro in pool.push(batch)]
     while pool.held >= size:
         out.append(pool.draw())
@@ -210,9 +210,9 @@ def test_row_pool_widens_to_the_widest_producer():
 
 def test_row_pool_off_is_arrival_order_and_too_small_is_refused():
     batch = random_batches(np.random.default_rng(0), [10])[0]
-    assert RowPool(0, 8, np.random.default_rng(0)).push(batch) == [batch]
+    assert RowPool(0, 8, np.random.default_rng(0), max_seq_len=16).push(batch) == [batch]
     with pytest.raises(ValueError, match="at least one micro-batch"):
-        RowPool(4, 8, np.random.default_rng(0))
+        RowPool(4, 8, np.random.default_rng(0), max_seq_len=16)
 
 
 def test_negative_buffer_flags_are_usage_errors(tmp_path, capsys):

@@ -107,3 +107,30 @@ def test_a_resume_that_changes_the_inputs_is_refused_by_name(tiny_model_dir, cor
     for part in expected + ["start afresh with --no_resume"]:
         assert part in errors[0], errors[0]
     assert [r["step"] for r in train_records(out)] == [1, 2]  # nothing trained
+
+
+def test_a_two_phase_run_continues_at_512_after_128_with_the_flag(tiny_model_dir, corpus, tmp_path):
+    """BERT's recipe: steps 1-3 at max_seq_len 128, stopped; resumed with producers at 512 and the flag, steps 4-6
+    train on 512-token instances under the same plan and schedule (the learning rate keeps falling from where it
+    was, to 0 at step 6), and the new length is what the next checkpoint holds."""
+    out = tmp_path / "out"
+    phase1 = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=3, max_seq_len=128)
+    frames = [message(tiny_model_dir, b, sequence=i) for i, b in enumerate(phase1)]
+    assert run(tiny_model_dir, out, frames, "--max_steps", "6", signal_at_step=3) == EXIT_STOPPED
+    (step, folder), = Checkpoints(out, 3).complete()
+    assert step == 3 and torch.load(folder / STATE_FILE, weights_only=True)["inputs"]["max_seq_len"] == 128
+
+    phase2 = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=3, max_seq_len=512)
+    assert max(int(b.lengths.max()) for b in phase2) > 128  # the second phase's instances are longer
+    frames = [message(tiny_model_dir, b, sequence=i) for i, b in enumerate(phase2)]
+    with captured_log() as lines:
+        assert run(tiny_model_dir, out, frames, "--allow_max_seq_len_change") == EXIT_OK, "\n".join(lines)
+    assert any("max_seq_len 128 -> 512 (--allow_max_seq_len_change)" in line and "from step 3 of 6" in line
+               for line in lines), lines
+    records = train_records(out)
+    assert [r["step"] for r in records] == list(range(1, 7))
+    lrs = [r["lr"] for r in records]
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == 0.0  # one schedule over both phases
+    (_, final), = Checkpoints(out, 3).complete()[-1:]
+    state = torch.load(final / STATE_FILE, weights_only=True)
+    assert state["inputs"]["max_seq_len"] == 512 and state["total_steps"] == 6 and state["step"] == 6

@@ -49,7 +49,7 @@ def test_scores_equal_the_stock_losses_over_the_whole_set(index_and_vocab, tiny_
     mlm_sum = mlm_count = nsp_sum = 0.0
     with torch.no_grad():
         for b in batches:
-            out = stock_pretraining_loss(model, to_tensors(b, pin_memory=False))
+            out = stock_pretraining_loss(model, to_tensors(b, pin_memory=False).to(torch.device("cpu")))
             mlm_sum += float(out.mlm_loss) * int(out.mlm_count)
             mlm_count += int(out.mlm_count)
             nsp_sum += float(out.nsp_loss) * b.size

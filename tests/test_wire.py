@@ -62,9 +62,14 @@ def test_round_trip_keeps_every_field(vocab):
     data = encode(header, batch)
     message = decode(data)
     assert message.header == header
+    width = message.batch.input_ids.shape[1]  # the longest row rounded up to 8, never wider than sent
+    assert width == min(CONFIG.max_seq_len, -(-int(batch.lengths.max()) // 8) * 8)
     for name in Batch.FIELDS:
         sent, received = getattr(batch, name), getattr(message.batch, name)
         assert received.dtype == sent.dtype, name
+        if name in ("input_ids", "token_type_ids"):
+            assert (sent[:, width:] == (SMALL_VOCAB.pad_id if name == "input_ids" else 0)).all()  # padding only
+            sent = sent[:, :width]
         np.testing.assert_array_equal(received, sent, err_msg=name)
     assert decode(memoryview(data)).header == header  # zmq frames arrive as buffers
     # encode returns a fresh object each call: zero-copy sends may hold on to an earlier one.
@@ -137,6 +142,15 @@ def changed_array(name: str, change) -> callable:
     return mutate
 
 
+def narrowed(width: int) -> callable:
+    """The token arrays cut to `width` columns, the lengths left as they are."""
+    def mutate(message):
+        for name in ("input_ids", "token_type_ids"):
+            set_array(message, name, array_of(message, name)[:, :width])
+        return message
+    return mutate
+
+
 def with_item(path: tuple, value) -> callable:
     def mutate(message):
         target = message
@@ -189,7 +203,7 @@ MALFORMED = {
     "do_lower_case int": (with_item(("fingerprint", "do_lower_case"), 1), "fingerprint.do_lower_case"),
     "vocab_sha256 missing": (without(("fingerprint", "vocab_sha256")), "fingerprint.vocab_sha256"),
     "max_seq_len tiny": (with_item(("fingerprint", "max_seq_len"), 4), "fingerprint.max_seq_len"),
-    "max_seq_len other": (with_item(("fingerprint", "max_seq_len"), 64), "arrays.input_ids"),
+    "max_seq_len below the width": (with_item(("fingerprint", "max_seq_len"), 8), "arrays.input_ids"),
     # arrays: presence and encoding
     "arrays missing": (without(("arrays",)), "arrays"),
     "array missing": (without(("arrays", "lengths")), "arrays.lengths"),
@@ -223,6 +237,9 @@ MALFORMED = {
         IGNORE_INDEX, 7, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX])), "arrays.masked_labels"),
     "length too short": (changed_array("lengths", lambda a: a.__setitem__(0, 4)), "arrays.lengths"),
     "length beyond max_seq_len": (changed_array("lengths", lambda a: a.__setitem__(0, L + 1)), "arrays.lengths"),
+    "rows longer than the arrays' width": (narrowed(8), "arrays.lengths"),
+    "token arrays of different widths": (lambda m: set_array(m, "token_type_ids", array_of(m, "token_type_ids")[:, :8]),
+                                         "arrays.token_type_ids"),
     "position on [CLS]": (changed_array("masked_positions", lambda a: a.__setitem__((0, 0), 0)),
                           "arrays.masked_positions"),
     "position past the sequence": (changed_array("masked_positions", lambda a: a.__setitem__((0, 0), L)),
@@ -287,11 +304,11 @@ def test_protocol_version_is_in_every_message():
 def assert_valid(message: Message) -> None:
     """What the trainer relies on after decode(): consistent shapes and every value in range."""
     fp, batch = message.header.fingerprint, message.batch
-    size, seq = batch.size, fp.max_seq_len
-    assert 1 <= size and batch.input_ids.shape == batch.token_type_ids.shape == (size, seq)
+    size, seq, width = batch.size, fp.max_seq_len, batch.input_ids.shape[1]
+    assert 1 <= size and batch.input_ids.shape == batch.token_type_ids.shape == (size, width) and width <= seq
     assert batch.masked_positions.shape == batch.masked_labels.shape and batch.masked_positions.shape[0] == size
     assert batch.lengths.shape == batch.next_sentence_labels.shape == (size,)
-    assert (batch.lengths >= 5).all() and (batch.lengths <= seq).all()
+    assert (batch.lengths >= 5).all() and (batch.lengths <= width).all()
     assert int(batch.input_ids.max()) < fp.vocab_size
     used = batch.masked_labels != IGNORE_INDEX
     assert ((batch.masked_labels[used] >= 0) & (batch.masked_labels[used] < fp.vocab_size)).all()

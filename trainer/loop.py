@@ -113,16 +113,19 @@ def seed_everything(seed: int) -> None:
 
 
 def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max_positions: int,
-                runtime: Runtime, stop: threading.Event, place: DistributedConfig = DistributedConfig(), local=None):
+                runtime: Runtime, stop: threading.Event, place: DistributedConfig = DistributedConfig(), local=None,
+                compiled: bool = False):
     """Each rank's own data: its share of every round of the pregenerated files, or its own stream endpoint.
 
     With `local` (the LocalProducers of --train_corpus) the rank binds its private endpoint, and --bind too only
-    when it was given; a local producer that ends by itself ends the wait for data with its status.
+    when it was given; a local producer that ends by itself ends the wait for data with its status. Either pads
+    each micro-batch to its longest row's allowed width (`compiled`: --compile's few widths; common.lengths).
     """
     if config.pregenerated_data is not None:
         return PregeneratedSource(config.pregenerated_data, train.epochs, vocab, max_positions,
                                   train.micro_batch_size, train.seed, reduce_memory=config.reduce_memory,
-                                  pin_memory=runtime.pin_memory, shard=(place.rank, place.world_size))
+                                  pin_memory=runtime.pin_memory, shard=(place.rank, place.world_size),
+                                  pad_to_multiple_of=config.pad_to_multiple_of, compiled=compiled)
     hint = None  # for the data-timeout message: what a producer runs to feed this node's ranks
     if place.local_world_size > 1:
         hint = f"--connect {config.bind} --ranks_per_endpoint {place.local_world_size}"
@@ -135,7 +138,8 @@ def open_source(config: SourceConfig, train: TrainConfig, vocab: Vocabulary, max
                         prefetch_batches=config.prefetch_batches, max_message_bytes=config.max_message_bytes,
                         data_timeout_s=config.data_timeout_s, stop=stop, curve=config.curve_keys(),
                         connect_hint=hint, mix_rows=config.mix_rows, mix_seed=(train.seed, place.rank),
-                        also_bind=also_bind, alive=alive)
+                        also_bind=also_bind, alive=alive, group_by_length=config.group_by_length,
+                        pad_to_multiple_of=config.pad_to_multiple_of, compiled=compiled)
 
 
 def plan_steps(train: TrainConfig, source) -> int:
@@ -262,14 +266,15 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
     model.train()
     max_positions = model.config.max_position_embeddings
 
-    source = open_source(config.source, train, vocab, max_positions, runtime, stop, config.distributed, local)
+    source = open_source(config.source, train, vocab, max_positions, runtime, stop, config.distributed, local,
+                         compiled=config.device.compile)
     metrics = None
     try:
         start_source(source, ranks, resume_from)
         fixed_inputs["max_seq_len"] = source.max_seq_len
         if state is not None:
-            # Issue 13's flag allowing a new max_seq_len on resume only has to skip this one check.
-            check_unchanged(saved_inputs(state), {"max_seq_len": source.max_seq_len}, resume_from)
+            check_seq_len(saved_inputs(state).get("max_seq_len"), source.max_seq_len, resume_from, state,
+                          train.allow_max_seq_len_change and ranks.is_main, train.allow_max_seq_len_change)
         total_steps = resumed_plan(state, train) if state is not None else None
         if total_steps is None:
             total_steps = plan_steps(train, source)
@@ -466,8 +471,27 @@ def check_unchanged(saved: dict, now: dict, folder: Path) -> None:
         if before is None or value is None or before == value:
             continue
         what, how = _INPUT_FLAGS[key]
+        phase = " or pass --allow_max_seq_len_change (a second phase at the new length)," if key == "max_seq_len" \
+            else ""
         raise TrainerError(f"checkpoint {folder} was trained with {what} {before!r}; this run has {value!r}. "
-                           f"Resume with {how(before)}, or start afresh with --no_resume")
+                           f"Resume with {how(before)},{phase} or start afresh with --no_resume")
+
+
+def check_seq_len(before: int | None, now: int, folder: Path, state: dict, say: bool, allowed: bool) -> None:
+    """A resume at another max_seq_len is BERT's second phase when --allow_max_seq_len_change says so, else an error.
+
+    Google's recipe trains 90% of the steps at 128 and the rest at 512, one schedule over both: the optimizer,
+    the schedule and the step count carry on; only the instances change (the model's positions beyond 128 start
+    training now). `say`: this process logs the change.
+    """
+    if before is None or before == now:
+        return
+    if not allowed:
+        check_unchanged({"max_seq_len": before}, {"max_seq_len": now}, folder)
+    if say:
+        log.info("resume: max_seq_len %d -> %d (--allow_max_seq_len_change): a new phase from step %d of %d, the "
+                 "optimizer and the learning-rate schedule continue", before, now, int(state["step"]),
+                 int(state["total_steps"]))
 
 
 def resumed_plan(state: dict, train: TrainConfig) -> int | None:
@@ -585,6 +609,8 @@ def train_loop(ctx: TrainContext) -> int:
                                          out.mlm_correct.float(), out.mlm_count.float(), out.nsp_correct.float()])
                 interval.instances += batch.size
                 interval.micro_batches += 1
+                interval.tokens += batch.tokens
+                interval.positions += batch.size * batch.width
             scaler.unscale_(optimizer)  # true gradients, so clipping sees their real norm
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             scaler.step(optimizer)  # skipped if an fp16 gradient overflowed (found_inf goes to the fused kernel)

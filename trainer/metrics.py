@@ -1,7 +1,8 @@
 """What a run reports: `metrics.jsonl` (one JSON object per logging step), TensorBoard events, the progress line.
 
 A training record holds at least step, loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy, lr,
-seq_per_s and data_wait_frac (see docs/trainer.md, "What it writes", for every field; with several ranks, the figures are the
+seq_per_s and data_wait_frac, and what the model computed on: tokens_per_s (real tokens, padding left out) and
+pad_frac (the share of the positions it computed on that were padding) (see docs/trainer.md, "What it writes", for every field; with several ranks, the figures are the
 whole step's and rank_seq_per_s / rank_data_wait_frac list each rank's); an evaluation adds eval_* fields to the
 record of its step. The evaluation before the first step is a record of its own with only step, lr and
 eval_*. Values that are not finite (an fp16 overflow's grad norm) are written as null, so the file stays
@@ -32,15 +33,19 @@ class Interval:
 
     instances: int = 0
     micro_batches: int = 0
+    tokens: int = 0  # real tokens of the micro-batches
+    positions: int = 0  # positions computed on: rows x the width each micro-batch was padded to
     steps: int = 0
     wait_s: float = 0.0  # blocked on the source
     excluded_s: float = 0.0  # evaluating and saving: left out of the throughput
     start_s: float = field(default_factory=time.perf_counter)
 
     def rank_figures(self, stats: dict) -> list[float]:
-        """This rank's [sequences/s, share of time waiting for data, *source counters], for gathering."""
+        """This rank's [sequences/s, share of time waiting for data, real tokens/s, tokens, positions, *source
+        counters], for gathering."""
         wall = time.perf_counter() - self.start_s - self.excluded_s
-        return [self.instances / wall, min(1.0, self.wait_s / wall), *stats.values()]
+        return [self.instances / wall, min(1.0, self.wait_s / wall), self.tokens / wall, self.tokens, self.positions,
+                *stats.values()]
 
 
 def training_record(step: int, sums: list[float], interval: Interval, per_rank: list[list[float]],
@@ -62,8 +67,10 @@ def training_record(step: int, sums: list[float], interval: Interval, per_rank: 
         "loss_scale": loss_scale,
         # The run goes at its slowest rank's pace, so its data wait is the largest rank's.
         "seq_per_s": sum(r[0] for r in per_rank), "data_wait_frac": max(r[1] for r in per_rank),
+        "tokens_per_s": sum(r[2] for r in per_rank),
+        "pad_frac": 1.0 - sum(r[3] for r in per_rank) / max(sum(r[4] for r in per_rank), 1.0),
         "elapsed_s": elapsed_s,
-        **{key: int(sum(r[2 + i] for r in per_rank)) for i, key in enumerate(stat_keys)},
+        **{key: int(sum(r[5 + i] for r in per_rank)) for i, key in enumerate(stat_keys)},
     }
     if world_size > 1:
         record["rank_seq_per_s"] = [r[0] for r in per_rank]
@@ -144,7 +151,8 @@ def progress_line(record: dict, total_steps: int) -> str:
         ]
         if record.get("loss_scale") is not None:
             parts.append(f"scale {record['loss_scale']:g}")
-        parts += [f"{record['seq_per_s']:.1f} seq/s", f"data wait {100 * record['data_wait_frac']:.0f}%"]
+        parts += [f"{record['seq_per_s']:.1f} seq/s {record['tokens_per_s']:.0f} tok/s",
+                  f"pad {100 * record['pad_frac']:.0f}%", f"data wait {100 * record['data_wait_frac']:.0f}%"]
         if record.get("rank_seq_per_s"):  # several ranks: each one's throughput and data wait
             parts.append("by rank " + " ".join(f"{s:.1f}" for s in record["rank_seq_per_s"]) + " seq/s, wait "
                          + " ".join(f"{100 * w:.0f}%" for w in record["rank_data_wait_frac"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common.instances import IGNORE_INDEX, Batch, label_dtype
+from common.lengths import Widths, stream_widths, trim
 from common.progress import Every, log
 from common.vocab import Vocabulary
 from trainer import TrainerError
@@ -136,7 +137,8 @@ class PregeneratedSource:
     finite = True  # it ends after --epochs; a stream does not
 
     def __init__(self, directory: str, epochs: int, vocab: Vocabulary, max_positions: int, micro_batch_size: int,
-                 seed: int, *, reduce_memory: bool, pin_memory: bool, shard: tuple[int, int] = (0, 1)):
+                 seed: int, *, reduce_memory: bool, pin_memory: bool, shard: tuple[int, int] = (0, 1),
+                 pad_to_multiple_of: int = 0, compiled: bool = False):
         self.directory = Path(directory)
         self._epochs = epochs
         self._vocab = vocab
@@ -155,11 +157,15 @@ class PregeneratedSource:
         self._offset = 0  # instances of it already handed out
         self._loaded: tuple[int, Batch, np.ndarray] | None = None  # (training epoch, its data, its order)
         self._spill: tempfile.TemporaryDirectory | None = None
+        # Each micro-batch is padded only to its longest row's allowed width (common.lengths), known at start().
+        self._widths_of = lambda max_seq_len: stream_widths(max_seq_len, pad_to_multiple_of, compiled)
+        self.widths: Widths | None = None
 
     def start(self) -> None:
         self._files = find_epochs(self.directory, self._epochs)
         self.max_seq_len = self._files[0].max_seq_len
         self.epoch_instances = self._files[0].num_examples
+        self.widths = self._widths_of(self.max_seq_len)
         if self.max_seq_len > self._max_positions:
             raise TrainerError(f"{self.directory}: max_seq_len {self.max_seq_len} exceeds the model's "
                                f"{self._max_positions} positions")
@@ -188,7 +194,7 @@ class PregeneratedSource:
             self._offset += len(rows)
             if self._offset >= len(order):
                 self._epoch, self._offset = self._epoch + 1, 0
-        return to_tensors(concat_batches(parts), self._pin)
+        return to_tensors(trim(concat_batches(parts), self.widths, self._vocab.pad_id), self._pin)
 
     def _epoch_data(self) -> tuple[Batch, np.ndarray]:
         if self._loaded is None or self._loaded[0] != self._epoch:

@@ -24,6 +24,7 @@ import torch
 
 from common import security
 from common.instances import IGNORE_INDEX, Batch
+from common.lengths import Widths, fit_width, stream_widths, trim
 from common.shuffle import RowPool
 from common.progress import log
 from common.vocab import Fingerprint
@@ -71,10 +72,13 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return Batch(**{name: getattr(batch, name)[start:stop] for name in Batch.FIELDS})
 
 
-def concat_batches(parts: Sequence[Batch]) -> Batch:
-    """One batch of all rows; prediction slots are padded to the widest part (producers may differ there)."""
+def concat_batches(parts: Sequence[Batch], pad_id: int = 0) -> Batch:
+    """One batch of all rows; prediction slots are padded to the widest part (producers may differ there), and
+    the token arrays to the widest part's width with `pad_id` (messages are as wide as their longest row)."""
     if len(parts) == 1:
         return parts[0]
+    positions = max(p.input_ids.shape[1] for p in parts)
+    parts = [fit_width(p, positions, pad_id) for p in parts]
     width = max(p.masked_positions.shape[1] for p in parts)
 
     def padded(array: np.ndarray, fill: int) -> np.ndarray:
@@ -93,8 +97,8 @@ def concat_batches(parts: Sequence[Batch]) -> Batch:
 class Reslicer:
     """Cuts a flow of batches of any size into micro-batches of exactly `size` instances; leftovers wait."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int, pad_id: int = 0):
+        self.size, self.pad_id = size, pad_id
         self._parts: list[Batch] = []
         self._pending = 0
 
@@ -116,7 +120,7 @@ class Reslicer:
                     take.append(slice_batch(part, 0, need))
                     rest.append(slice_batch(part, need, part.size))
                     rows += need
-            out.append(concat_batches(take))
+            out.append(concat_batches(take, self.pad_id))
             self._parts, self._pending = rest, self._pending - self.size
         return out
 
@@ -188,7 +192,8 @@ class StreamSource:
                  pin_memory: bool, prefetch_batches: int, max_message_bytes: int, data_timeout_s: float,
                  stop: threading.Event, curve: security.ServerKeys | None = None, connect_hint: str | None = None,
                  mix_rows: int = 0, mix_seed: Sequence[int] = (0,), also_bind: Sequence[str] = (),
-                 alive: Callable[[], None] | None = None):
+                 alive: Callable[[], None] | None = None, group_by_length: bool = True, pad_to_multiple_of: int = 0,
+                 compiled: bool = False):
         self.bind = bind
         # One PULL socket binds several endpoints: --train_corpus's private one and --bind for remote producers.
         self._also_bind = tuple(also_bind)
@@ -203,6 +208,11 @@ class StreamSource:
         # one worker's documents at a time. Seeded from the trainer's --seed and rank.
         self._mix_rows = max(mix_rows, micro_batch_size) if mix_rows else 0
         self._mix_seed = [*mix_seed, 0x4A1]
+        # Each micro-batch is padded only to its longest row, rounded up to an allowed width (common.lengths),
+        # and with group_by_length the pool draws rows of similar length. The widths wait for max_seq_len.
+        self._group_by_length = group_by_length
+        self._pad_to_multiple_of, self._compiled = pad_to_multiple_of, compiled
+        self.widths: Widths | None = None
         self._pin = pin_memory
         self._max_bytes = max_message_bytes
         self._timeout_s = data_timeout_s
@@ -325,27 +335,37 @@ class StreamSource:
 
     def _receive_loop(self) -> None:
         try:
-            reslicer = Reslicer(self._micro)
-            pool = RowPool(self._mix_rows, self._micro, np.random.default_rng(self._mix_seed))
+            pad_id = self._expected.pad_id
+            reslicer = Reslicer(self._micro, pad_id)
+            pool = None  # made at the first batch, which decides max_seq_len
             last_message = time.monotonic()
             while not self._closing.is_set():
                 if self._curve is not None:
                     self._curve.note_failed_handshakes()
                 if not self._socket.poll(100):
-                    if time.monotonic() - last_message >= MIX_IDLE_S:
+                    if pool is not None and time.monotonic() - last_message >= MIX_IDLE_S:
                         while pool.held >= self._micro and not self._queue.full():
-                            self._put(to_tensors(pool.draw(), self._pin))
+                            self._put(self._tensors(pool.draw()))
                     continue
                 last_message = time.monotonic()
                 frame = self._socket.recv(copy=False)
                 batch = self._accept(frame)
                 if batch is None:
                     continue
+                if pool is None:
+                    self.widths = stream_widths(self.max_seq_len, self._pad_to_multiple_of, self._compiled)
+                    pool = RowPool(self._mix_rows, self._micro, np.random.default_rng(self._mix_seed),
+                                   max_seq_len=self.max_seq_len, pad_id=pad_id,
+                                   group=self.widths if self._group_by_length else None)
                 for mixed in pool.push(batch):
                     for micro in reslicer.push(mixed):
-                        self._put(to_tensors(micro, self._pin))
+                        self._put(self._tensors(micro))
         except BaseException as exc:  # re-raised in the loop's thread by _wait
             self._error = exc
+
+    def _tensors(self, micro: Batch) -> TensorBatch:
+        """A micro-batch padded to its longest row's allowed width, as the loop's tensors."""
+        return to_tensors(trim(micro, self.widths, self._expected.pad_id), self._pin)
 
     def _accept(self, frame):
         """The message's batch if it may train the model, else None (counted and reported)."""
