@@ -75,21 +75,24 @@ class Widths:
         return self.allowed[bisect_left(self.allowed, longest)]
 
 
-def fit_width(batch: Batch, width: int, pad_id: int) -> Batch:
+def fit_width(batch: Batch, width: int, pad_id: int | None = None) -> Batch:
     """`batch` with its token arrays cut or padded to `width` positions (its rows must fit: lengths <= width).
 
-    Cutting returns views; padding copies (ids with `pad_id`, segment ids with 0, as `make_batch` pads).
+    Cutting returns views; padding copies (ids with `pad_id`, segment ids with 0, as `make_batch` pads), and
+    needs `pad_id`.
     """
     have = batch.input_ids.shape[1]
     if have == width:
         return batch
     if have > width:
         return replace(batch, input_ids=batch.input_ids[:, :width], token_type_ids=batch.token_type_ids[:, :width])
+    if pad_id is None:
+        raise ValueError(f"widening a batch from {have} to {width} positions needs the pad id")
     extra = ((0, 0), (0, width - have))
     return replace(batch, input_ids=np.pad(batch.input_ids, extra, constant_values=pad_id),
                    token_type_ids=np.pad(batch.token_type_ids, extra))
 
 
-def trim(batch: Batch, widths: Widths, pad_id: int) -> Batch:
-    """`batch` padded only to its longest row, rounded up to an allowed width."""
+def trim(batch: Batch, widths: Widths, pad_id: int | None = None) -> Batch:
+    """`batch` padded only to its longest row, rounded up to an allowed width (`pad_id`: where that is wider)."""
     return fit_width(batch, widths.of(int(batch.lengths.max())), pad_id)

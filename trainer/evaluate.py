@@ -20,6 +20,7 @@ import torch
 from common.config import CorpusConfig, GenerationConfig
 from common.index import CorpusIndex, build_or_load_index
 from common.instances import collate, iter_instances
+from common.lengths import stream_widths, trim
 from common.progress import log
 from common.vocab import Vocabulary
 from trainer.model import TensorBatch, pretraining_loss
@@ -80,7 +81,9 @@ class Evaluator:
     """Scores the model on the evaluation set, in eval mode (no dropout) and without gradients."""
 
     def __init__(self, batches: list, device: torch.device, autocast_dtype: torch.dtype | None):
-        self._batches: list[TensorBatch] = [to_tensors(b, pin_memory=False).to(device) for b in batches]
+        # Each batch as wide as its longest row (rounded up to 8): the same scores as at max_seq_len, for less.
+        self._batches: list[TensorBatch] = [
+            to_tensors(trim(b, stream_widths(b.input_ids.shape[1])), pin_memory=False).to(device) for b in batches]
         self._device = device
         self._autocast_dtype = autocast_dtype
 
