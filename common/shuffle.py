@@ -16,7 +16,15 @@ items and, once full, every item pushed in sends out a uniformly random held one
   truncation, masking) as before. The buffer is drained at each epoch's end (a message carries one epoch, and an epoch stays a function of
   (seed, worker, epoch) alone, so a restarted worker regenerates only its current epoch's head to skip it).
 - Trainer (`RowPool`): a fixed pool of rows copied out of received messages; once full, each micro-batch is
-  `size` rows drawn at random from it, which mixes workers and producers as well as documents.
+  `size` rows drawn at random from it, which mixes workers and producers as well as documents. With length
+  grouping (the trainer's default) the rows of a micro-batch share a padded width (`similar_rows`), so padding
+  it to its longest row leaves little padding, and its width is a draw from the widths held, so the lengths
+  trained on follow the stream's (common.lengths says why the widths).
+
+Length grouping happens here, in the trainer's pool, not in the producer: the pool holds rows of every worker
+and producer, so it finds many rows of each width, and it is where micro-batches are cut (a producer's
+grouping would be undone by the pool's random draws, or make them follow one worker's window). The producer
+only cuts each message's padding (common.wire).
 """
 
 from __future__ import annotations
