@@ -175,3 +175,28 @@ def test_a_checkpoint_saved_in_fp16_trains_with_float32_master_weights(tiny_mode
     assert {w.dtype for w in weights.values()} == {torch.float32}
     before = load_model(half).state_dict()
     assert not torch.equal(before["bert.pooler.dense.weight"], weights["bert.pooler.dense.weight"])
+
+
+@pytest.mark.parametrize("padding", ["to max_seq_len", "to the longest row"])
+def test_the_records_count_real_tokens_and_the_padding_computed_on(tiny_model_dir, tmp_path, padding):
+    """pad_frac is the share of the positions the model computed on (rows x each micro-batch's width) that were
+    padding, and tokens_per_s counts real tokens only: exact for known batches, one micro-batch a step."""
+    import torch
+
+    from common.lengths import stream_widths, trim
+    from trainer.loop import Runtime
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    batches = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=3, max_seq_len=128)
+    if padding == "to the longest row":
+        batches = [trim(b, stream_widths(128)) for b in batches]
+    widths = [b.input_ids.shape[1] for b in batches]
+    assert (min(widths) < 128) == (padding == "to the longest row")
+    runtime = Runtime(torch.device("cpu"), "fp32", None, None)
+    records, _ = run_loop(tiny_model_dir, batches, runtime, tmp_path / "out", steps=3)
+    records = [r for r in records if "loss" in r]
+    assert len(records) == 3
+    for record, batch, width in zip(records, batches, widths):
+        tokens = int(batch.lengths.sum())
+        assert record["pad_frac"] == pytest.approx(1 - tokens / (8 * width))
+        assert record["tokens_per_s"] / record["seq_per_s"] == pytest.approx(tokens / 8)

@@ -58,6 +58,7 @@ def test_trains_from_a_real_producer_and_saves_a_loadable_model(tiny_model_dir, 
                                               "messages_rejected") if f not in record]
         assert not missing, record
         assert 0.0 <= record["data_wait_frac"] <= 1.0 and record["seq_per_s"] > 0
+        assert 0.0 <= record["pad_frac"] < 0.5 and record["tokens_per_s"] >= 5 * record["seq_per_s"]
         assert 0.0 <= record["mlm_accuracy"] <= 1.0 and 0.0 <= record["nsp_accuracy"] <= 1.0
         assert record["epoch"] > 0  # from the instances per epoch the producer announces
     assert np.mean([r["mlm_loss"] for r in records[-8:]]) < np.mean([r["mlm_loss"] for r in records[:8]])
