@@ -1,10 +1,12 @@
 """Where the training loop's micro-batches come from: the ZeroMQ stream, or batches held in memory.
 
 Every source cuts what it receives into micro-batches of exactly the trainer's size (a producer's
-`--batch_size` never changes the training semantics) and hands them out as CPU tensors, pinned when training
-on CUDA so the copy to the device can overlap compute. The stream source does its receiving, decoding,
-validating, mixing (a pool of rows across messages, `common.shuffle.RowPool`) and tensor-making on a
-background thread behind a small bounded queue, so the loop only waits when the producers are truly behind.
+`--batch_size` never changes the training semantics), each padded only to its longest row (rounded up to an
+allowed width, `common.lengths`), and hands them out as CPU tensors in their compact dtypes, pinned when
+training on CUDA so the copy to the device can overlap compute. The stream source does its receiving,
+decoding, validating, mixing (a pool of rows across messages that also groups them by length,
+`common.shuffle.RowPool`) and tensor-making on a background thread behind a small bounded queue, so the loop
+only waits when the producers are truly behind.
 
 The interface every source keeps (the pregenerated source in `trainer.pregenerated` too):
 `start()` (blocks until the first batch is there, so `max_seq_len` is known), `next_batch()`,
