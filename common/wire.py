@@ -3,9 +3,9 @@
 A message is a msgpack map: protocol version `v`, a header (producer id, the producer's seed, worker,
 epoch, sequence number, the instances of a full epoch) with the fingerprint the trainer must agree with,
 and the batch's arrays as `[dtype, shape, raw little-endian bytes]`. The token arrays are only as wide as the
-batch's longest row (rounded up to 8), not `max_seq_len`: padding is not worth sending. Decoding trusts nothing: every type,
-dtype, shape, size and value range is checked against the message's own fingerprint, and any failure is a
-`WireError` naming the field.
+batch's longest row (rounded up to 8), not `max_seq_len`: padding is not worth sending. Decoding trusts
+nothing: every type, dtype, shape, size and value range is checked against the message's own fingerprint, and
+any failure is a `WireError` naming the field.
 """
 
 from __future__ import annotations
