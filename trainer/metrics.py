@@ -2,9 +2,9 @@
 
 A training record holds at least step, loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy, lr,
 seq_per_s and data_wait_frac, and what the model computed on: tokens_per_s (real tokens, padding left out) and
-pad_frac (the share of the positions it computed on that were padding) (see docs/trainer.md, "What it writes", for every field; with several ranks, the figures are the
-whole step's and rank_seq_per_s / rank_data_wait_frac list each rank's); an evaluation adds eval_* fields to the
-record of its step. The evaluation before the first step is a record of its own with only step, lr and
+pad_frac (the share of the positions computed on that were padding). docs/trainer.md, "What it writes", lists
+every field; with several ranks the figures are the whole step's and rank_seq_per_s / rank_data_wait_frac list
+each rank's. An evaluation adds eval_* fields to the record of its step. The evaluation before the first step is a record of its own with only step, lr and
 eval_*. Values that are not finite (an fp16 overflow's grad norm) are written as null, so the file stays
 strict JSON.
 """
