@@ -4,7 +4,8 @@ against the same trainer fed from memory; tiny model, on the CPU.
 - streamed: a real `python -m producer --connect` and a real `python -m trainer --bind` (separate processes,
   a real socket, the producer's default worker count), the index warm.
 - from memory: the same `trainer.loop.run_training` in a fresh process, with its source replaced by a
-  `trainer.source.MemorySource` of batches generated beforehand from the same corpus by the same code.
+  `trainer.source.MemorySource` of batches generated beforehand from the same corpus by the same code, each
+  padded to its longest row as the stream's micro-batches are (where the code has length-aware batches).
 
 Both train the same tiny BertForPreTraining (2 layers, hidden 128, the MiniLM vocabulary, so the producer's
 real vocabulary matches) on one torch thread for `--steps` optimizer steps of 32 at max_seq_len 128; the figures are the trainer's
@@ -114,8 +115,12 @@ def memory_trainer(args) -> None:
     vocab, index = support.build_index(args.corpus, Path(args.model), args.cache_dir)
     generation = GenerationConfig()
     needed, batches = args.steps * 32, []
+    try:  # padded to their longest row, as the stream's micro-batches are (older checkouts: as generated)
+        from common.lengths import stream_widths, trim
+    except ImportError:
+        stream_widths = trim = None
     for _, batch in iter_worker_batches(index, generation, vocab, 42, 0, 1, 32):
-        batches.append(batch)
+        batches.append(batch if trim is None else trim(batch, stream_widths(generation.max_seq_len)))
         if len(batches) * 32 >= needed:
             break
     config = parse_args(trainer_flags(Path(args.model), Path(args.out), args))
