@@ -70,12 +70,17 @@ class CompiledStep:
     `module` is what `Ranks.accumulating` calls `no_sync()` on under DDP.
     """
 
-    def __init__(self, module: torch.nn.Module, widths: Sequence[int], recompile_limit: int, announce: bool = True):
+    def __init__(self, module: torch.nn.Module, widths: Sequence[int], recompile_limit: int, backend: str,
+                 announce: bool = True):
         self.module = module
         self.widths = tuple(widths)
         self.recompile_limit = recompile_limit
         self.compiled_widths: list[int] = []  # the widths met so far, in order: a graph each
-        self._announce = announce
+        self._announce = announce  # whether this process logs (rank 0)
+        if announce:
+            log.info("--compile: the training step (forward, loss, backward) compiles with %s, one graph per width, "
+                     "each when its first micro-batch comes (seconds to minutes); %d width(s) at most: %s", backend,
+                     len(self.widths), " ".join(map(str, self.widths)))
 
     def __call__(self, batch: TensorBatch) -> PretrainingOutput:
         if batch.width not in self.compiled_widths:
@@ -92,12 +97,6 @@ def step_widths(max_seq_len: int, pad_to_multiple_of: int = 0) -> tuple[int, ...
     if pad_to_multiple_of:
         return multiple_widths(max_seq_len, pad_to_multiple_of)
     return compile_widths(max_seq_len)
-
-
-def announce_compile(widths: Sequence[int], backend: str) -> None:
-    log.info("--compile: the training step (forward, loss, backward) compiles with %s, one graph per width, each "
-             "when its first micro-batch comes (seconds to minutes); %d width(s) at most: %s", backend, len(widths),
-             " ".join(map(str, widths)))
 
 
 def eager_module(forward) -> torch.nn.Module:

@@ -167,10 +167,10 @@ class Ranks:
         """
         loss = PretrainingLoss(model)
         if self.distributed:
-            freeze_unused_mlm_bias(model, self.rank)  # before compiling: requires_grad is part of the graph
+            freeze_unused_mlm_bias(model, self.rank)
         limit = compile_in_place(loss, widths, compile_backend) if compile_backend is not None else None
         module = self._ddp(loss) if self.distributed else loss
-        return module if limit is None else CompiledStep(module, widths, limit, announce=self.is_main)
+        return module if limit is None else CompiledStep(module, widths, limit, compile_backend, self.is_main)
 
     def _ddp(self, loss: PretrainingLoss) -> DistributedDataParallel:
         model = loss.model

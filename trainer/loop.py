@@ -28,7 +28,7 @@ from trainer import StoppedEarly, TrainerError
 from trainer import distributed
 from trainer.checkpoint import STATE_FILE, Checkpoints, restore_rng_state, restore_torch_rng_state, rng_state, \
     save_final
-from trainer.compiled import BACKEND, announce_compile, step_widths
+from trainer.compiled import BACKEND, step_widths
 from trainer.config import DeviceConfig, DistributedConfig, SourceConfig, TrainConfig, TrainerConfig
 from trainer.distributed import FAIL, GO, STOP, Ranks
 from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_eval_index
@@ -563,11 +563,8 @@ def train_loop(ctx: TrainContext) -> int:
     evaluator, eval_steps = ctx.evaluator, ctx.eval_steps
     evaluates = evaluator is not None if ctx.evaluates is None else ctx.evaluates
     device, accum = runtime.device, train.gradient_accumulation_steps
-    # The masked-positions loss; under DDP with several ranks; compiled with --compile, a graph per width.
-    widths = ctx.widths or step_widths(source.max_seq_len)
-    forward = ranks.wrap(model, runtime.compile_backend, widths)
-    if runtime.compile_backend is not None and ranks.is_main:
-        announce_compile(widths, runtime.compile_backend)
+    # The masked-positions loss; under DDP with several ranks; with --compile, compiled: a graph per width.
+    forward = ranks.wrap(model, runtime.compile_backend, ctx.widths or step_widths(source.max_seq_len))
     params = [p for p in model.parameters() if p.requires_grad]
     run_start = time.perf_counter()
 
