@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The trainer's fp16 path on a GPU, with the two resumes that used to fail there: under 10 minutes on one GPU.
+# The trainer's fp16 path on a GPU, with the two resumes that used to fail there: under 15 minutes on one GPU.
 #
 # A BERT-base-shaped model (12 layers, 768 hidden, bert-base-uncased's 30522-token vocabulary from the
 # all-MiniLM-L6-v2 package; weights random, built here: nothing is downloaded), sequences of 128 tokens (and 512
