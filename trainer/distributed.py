@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from common.progress import log
 from trainer import TrainerError
+from trainer.compiled import CompiledStep, compile_in_place, eager_module
 from trainer.config import DistributedConfig
 from trainer.model import PretrainingOutput, TensorBatch, pretraining_loss
 from trainer.source import StopRequested
@@ -158,12 +159,21 @@ class Ranks:
 
     # --- training (the training backend) ---------------------------------------------------------------------
 
-    def wrap(self, model) -> torch.nn.Module:
-        """The loss as a module: plain with one process, under DDP (which averages the gradients) with several."""
+    def wrap(self, model, compile_backend: str | None = None, widths: Sequence[int] = ()):
+        """The loss as a module: plain with one process, under DDP (which averages the gradients) with several.
+
+        With `compile_backend` (--compile), the loss module is compiled in place first (DDP then wraps it, as
+        torch advises), for micro-batches of the given `widths`, and the result is a CompiledStep around it.
+        """
         loss = PretrainingLoss(model)
-        if not self.distributed:
-            return loss
-        freeze_unused_mlm_bias(model, self.rank)
+        if self.distributed:
+            freeze_unused_mlm_bias(model, self.rank)
+        limit = compile_in_place(loss, widths, compile_backend) if compile_backend is not None else None
+        module = self._ddp(loss) if self.distributed else loss
+        return module if limit is None else CompiledStep(module, widths, limit, compile_backend, self.is_main)
+
+    def _ddp(self, loss: PretrainingLoss) -> DistributedDataParallel:
+        model = loss.model
         device = next(model.parameters()).device
         # No buffer broadcast in every forward: BERT's buffers (position and token type ids) are constants,
         # and it would be a collective outside the vote's protection. torch 2.13 renamed the flag.
@@ -173,8 +183,13 @@ class Ranks:
                                        **no_buffer_sync)
 
     @staticmethod
-    def accumulating(module: torch.nn.Module, accumulate: bool):
-        """DDP's no_sync on a micro-step whose gradients only accumulate (all but the step's last)."""
+    def accumulating(module, accumulate: bool):
+        """DDP's no_sync on a micro-step whose gradients only accumulate (all but the step's last).
+
+        `module` is what `wrap` returned: under --compile a CompiledStep, around the DDP module, whose no_sync
+        stays eager (only the loss module inside it is compiled) and decides whether the backward all-reduces.
+        """
+        module = eager_module(module)
         if accumulate and isinstance(module, DistributedDataParallel):
             return module.no_sync()
         return contextlib.nullcontext()

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +28,7 @@ from trainer import StoppedEarly, TrainerError
 from trainer import distributed
 from trainer.checkpoint import STATE_FILE, Checkpoints, restore_rng_state, restore_torch_rng_state, rng_state, \
     save_final
+from trainer.compiled import BACKEND, step_widths
 from trainer.config import DeviceConfig, DistributedConfig, SourceConfig, TrainConfig, TrainerConfig
 from trainer.distributed import FAIL, GO, STOP, Ranks
 from trainer.evaluate import DEFAULT_MAX_SEQ_LEN, Evaluator, eval_batches, load_eval_index
@@ -47,6 +48,7 @@ class Runtime:
     precision: str  # "fp16", "bf16" or "fp32"
     autocast_dtype: torch.dtype | None
     static_loss_scale: float | None  # fp16 with --loss_scale N; None = dynamic (or no scaler)
+    compile_backend: str | None = None  # --compile: torch.compile's backend for the training step; None: eager
 
     @property
     def use_scaler(self) -> bool:
@@ -63,6 +65,11 @@ class Runtime:
 
 
 def resolve_runtime(config: DeviceConfig, distributed: DistributedConfig) -> Runtime:
+    runtime = resolve_precision(config, distributed)
+    return replace(runtime, compile_backend=BACKEND) if config.compile else runtime
+
+
+def resolve_precision(config: DeviceConfig, distributed: DistributedConfig) -> Runtime:
     if torch.cuda.is_available() and not config.no_cuda:
         if distributed.local_rank >= torch.cuda.device_count():
             raise TrainerError(f"local rank {distributed.local_rank} (--local_rank or LOCAL_RANK) but this machine "
@@ -324,7 +331,8 @@ def _run_training(config: TrainerConfig, stop: threading.Event, runtime: Runtime
             step = train_loop(TrainContext(
                 model, source, optimizer, scheduler, scaler, runtime, train, total_steps, metrics, save, stop,
                 start_step=start_step, evaluator=evaluator, eval_steps=config.eval.eval_steps, ranks=ranks,
-                evaluates=config.eval.eval_corpus is not None))
+                evaluates=config.eval.eval_corpus is not None,
+                widths=step_widths(source.max_seq_len, config.source.pad_to_multiple_of)))
         if ranks.is_main:
             save_final(output_dir, model, tokenizer)
             log.info("done: model and tokenizer saved in %s", output_dir)
@@ -564,6 +572,8 @@ class TrainContext:
     eval_steps: int = 0  # evaluate every this many steps (0: only before the first and at the last)
     ranks: Ranks = field(default_factory=Ranks.single)  # the other training processes (none: Ranks.single())
     evaluates: bool | None = None  # rank 0 has an evaluator (the others have none); None: `evaluator is not None`
+    widths: tuple[int, ...] = ()  # the widths the source pads micro-batches to (--compile compiles a graph for
+    # each); () = compiled.step_widths(source.max_seq_len), the source's ladder without --pad_to_multiple_of
 
 
 def train_loop(ctx: TrainContext) -> int:
@@ -577,7 +587,8 @@ def train_loop(ctx: TrainContext) -> int:
     evaluator, eval_steps = ctx.evaluator, ctx.eval_steps
     evaluates = evaluator is not None if ctx.evaluates is None else ctx.evaluates
     device, accum = runtime.device, train.gradient_accumulation_steps
-    forward = ranks.wrap(model)  # the masked-positions loss; under DDP with several ranks
+    # The masked-positions loss; under DDP with several ranks; with --compile, compiled: a graph per width.
+    forward = ranks.wrap(model, runtime.compile_backend, ctx.widths or step_widths(source.max_seq_len))
     params = [p for p in model.parameters() if p.requires_grad]
     run_start = time.perf_counter()
 
