@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from common.lengths import compile_widths, multiple_widths
+from common.lengths import stream_widths
 from common.progress import log
 from trainer.model import PretrainingOutput, TensorBatch
 
@@ -92,11 +92,9 @@ class CompiledStep:
 
 
 def step_widths(max_seq_len: int, pad_to_multiple_of: int = 0) -> tuple[int, ...]:
-    """The widths a --compile run's source pads micro-batches to: multiples of --pad_to_multiple_of if given,
-    else the ladder of `common.lengths.compile_widths`."""
-    if pad_to_multiple_of:
-        return multiple_widths(max_seq_len, pad_to_multiple_of)
-    return compile_widths(max_seq_len)
+    """The widths a --compile run's source pads micro-batches to (`common.lengths.stream_widths` with --compile):
+    multiples of --pad_to_multiple_of if given, else the ladder of `common.lengths.compile_widths`."""
+    return stream_widths(max_seq_len, pad_to_multiple_of, compiled=True).allowed
 
 
 def eager_module(forward) -> torch.nn.Module:
