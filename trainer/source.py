@@ -63,7 +63,10 @@ def to_tensors(batch: Batch, pin_memory: bool) -> TensorBatch:
     def tensor(array: np.ndarray) -> torch.Tensor:
         if array.dtype == np.uint16:  # torch's uint16 has few operations; its bits as int16 have them all
             array = array.view(np.int16)
-        t = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # a view of a received message: torch wants memory it may own
+            array = array.copy()
+        t = torch.from_numpy(array)
         return t.pin_memory() if pin_memory else t
 
     return TensorBatch(**{name: tensor(getattr(batch, name)) for name in TensorBatch.ARRAYS},
