@@ -96,7 +96,7 @@ run() {  # run PHASE MAX_STEPS [trainer flags...]: a producer and the trainer un
         "${device_flags[@]}" "$@" > "$out/trainer_$phase.log" 2>&1 || { tail -20 "$out/trainer_$phase.log"; exit 1; }
     wait "$producer" || true
     producer=""
-    grep -v "trainer config:" "$out/trainer_$phase.log" | grep -E "resum|not carried over|--bf16|fp16|training: steps" \
+    grep -v "trainer config:" "$out/trainer_$phase.log" | grep -E "resum|not carried over|--bf16|fp16|training: steps|--compile: the" \
         | sed 's/^/    /' || true
 }
 

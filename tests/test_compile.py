@@ -24,7 +24,8 @@ from common.lengths import compile_widths
 from conftest import write_corpus
 from trainer import EXIT_OK
 from trainer.cli import main
-from trainer_support import captured_log, real_batches, state_dict_of, train_records, trainer_flags, write_seed_epochs
+from trainer_support import (captured_log, read_metrics, real_batches, state_dict_of, train_records, trainer_flags,
+                             write_seed_epochs)
 
 CHEAP = "aot_eager"  # see the module's docstring
 MICRO = 8
@@ -80,7 +81,6 @@ def run_loop(model_dir: Path, batches: list, runtime, out: Path, steps: int, acc
     from trainer.metrics import MetricsLog
     from trainer.model import load_model
     from trainer.source import MemorySource
-    from trainer_support import read_metrics
 
     torch.manual_seed(0)
     model = load_model(model_dir)
@@ -248,7 +248,8 @@ def test_ddp_s_no_sync_is_reached_through_the_compiled_step(still_model, mixed_w
 
 def test_the_cli_trains_with_compile_on_the_cpu(still_model, tmp_path):
     """`bertstream-trainer --compile --no_cuda`, end to end on seed-format files, with inductor (the real backend):
-    the same losses and weights as the eager command on the same files.
+    the same losses and weights as the eager command on the same files. The held-out evaluation (before the
+    first step, at step 2 and at the end) stays eager: no graph of its own.
 
     max_seq_len 32 is the ladder's smallest width, so every micro-batch is 32 wide whatever the source trims:
     one graph (its forward and backward take inductor about 20 s to build here the first time, a few seconds
@@ -259,7 +260,8 @@ def test_the_cli_trains_with_compile_on_the_cpu(still_model, tmp_path):
     """
     corpus = write_corpus(tmp_path / "corpus.txt")
     write_seed_epochs(tmp_path / "data", still_model, corpus, epochs=1, max_seq_len=32)
-    flags = ("--pregenerated_data", str(tmp_path / "data"), "--max_steps", "4", "--save_steps", "0", "--no_cuda")
+    flags = ("--pregenerated_data", str(tmp_path / "data"), "--max_steps", "4", "--save_steps", "0", "--no_cuda",
+             "--eval_corpus", str(corpus), "--eval_steps", "2", "--eval_instances", "16")
     assert main(trainer_flags(still_model, tmp_path / "eager", *flags)) == EXIT_OK
     fresh_dynamo()
     with captured_log() as lines:
@@ -271,6 +273,10 @@ def test_the_cli_trains_with_compile_on_the_cpu(still_model, tmp_path):
     eager, compiled = train_records(tmp_path / "eager"), train_records(tmp_path / "compiled")
     assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3, 4]
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
+    evaluated = [(r["step"], r["eval_loss"]) for r in read_metrics(tmp_path / "compiled") if "eval_loss" in r]
+    assert [step for step, _ in evaluated] == [0, 2, 4]
+    assert [loss for _, loss in evaluated] == pytest.approx(
+        [r["eval_loss"] for r in read_metrics(tmp_path / "eager") if "eval_loss" in r], rel=1e-5)
     alone, compiled_weights = state_dict_of(tmp_path / "eager"), state_dict_of(tmp_path / "compiled")
     for name, weights in alone.items():
         assert np.allclose(compiled_weights[name], weights, rtol=0, atol=1e-5), name
