@@ -65,11 +65,13 @@ class Runtime:
 
 
 def resolve_runtime(config: DeviceConfig, distributed: DistributedConfig) -> Runtime:
+    """The device and precision this machine gives the flags, and whether the training step is compiled."""
     runtime = resolve_precision(config, distributed)
     return replace(runtime, compile_backend=BACKEND) if config.compile else runtime
 
 
 def resolve_precision(config: DeviceConfig, distributed: DistributedConfig) -> Runtime:
+    """The device (this rank's GPU, else the CPU) and the precision the flags ask for and the device allows."""
     if torch.cuda.is_available() and not config.no_cuda:
         if distributed.local_rank >= torch.cuda.device_count():
             raise TrainerError(f"local rank {distributed.local_rank} (--local_rank or LOCAL_RANK) but this machine "
