@@ -9,8 +9,8 @@ quadratically. Here a batch is as wide as its longest row, rounded up to an allo
 - with `--compile`, a short geometric ladder (`compile_widths`): every distinct width is a graph to compile, so
   a run compiles a handful of them, not one per multiple of 8.
 
-The rows themselves are grouped by length elsewhere (the producer's windows, the trainer's pool: common.shuffle),
-so that the longest row of a micro-batch is close to its shortest.
+The rows themselves are grouped by length in the trainer's mixing pool (common.shuffle), so that the longest row
+of a micro-batch is close to its shortest; producers only cut each message to its longest row (common.wire).
 """
 
 from __future__ import annotations
