@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_tcp_endpoint, write_corpus
+from conftest import write_corpus
 from trainer import EXIT_ERROR, EXIT_OK, EXIT_STOPPED
 from trainer.checkpoint import STATE_FILE, Checkpoints
-from trainer.cli import main
-from trainer_support import TIMEOUT_S, Sender, captured_log, message, real_batches, train_records, trainer_flags
+from trainer_support import captured_log, message, real_batches, train_on_frames, train_records
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +29,9 @@ def batches(tiny_model_dir, corpus, tmp_path_factory) -> list:
 
 def run(model: Path, out: Path, frames: list[bytes], *flags: str, signal_at_step: int | None = None,
         lower_case: str = "--do_lower_case") -> int:
-    endpoint = free_tcp_endpoint()
-    sender = Sender(endpoint, frames, out, signal_at_step)
-    sender.start()
-    command = trainer_flags(model, out, "--bind", endpoint, "--save_steps", "0", "--data_timeout", str(TIMEOUT_S),
-                            *flags)
-    command[command.index("--do_lower_case")] = lower_case
-    try:
-        return main(command)
-    finally:
-        sender.join(timeout=TIMEOUT_S)
+    """A checkpoint only at the end (or at the SIGTERM), so the step a resume starts from is known."""
+    return train_on_frames(model, out, frames, "--save_steps", "0", *flags, signal_at_step=signal_at_step,
+                           lower_case=lower_case)
 
 
 def test_a_resumed_stream_run_keeps_the_step_plan_of_its_checkpoint(tiny_model_dir, batches, tmp_path):

@@ -4,44 +4,29 @@ seed shared by two producers named by the trainer. Real producer processes and r
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
-from common.wire import Message, decode
-from conftest import REPO, free_tcp_endpoint
+from common.wire import Message
+from conftest import free_tcp_endpoint
+from test_producer import collect, start_producer
 from trainer import EXIT_OK
-from trainer.cli import main
-from trainer_support import TIMEOUT_S, Sender, captured_log, message, real_batches, trainer_flags
+from trainer_support import captured_log, message, real_batches, train_on_frames
 
 
 def stream(model: Path, corpus: Path, tmp_path: Path, name: str, *flags: str) -> tuple[list[Message], str]:
     """Every message of one epoch from a real producer (2 workers), and its log."""
     endpoint = free_tcp_endpoint()
-    log_path = tmp_path / f"{name}.log"
     with zmq.Context() as context, context.socket(zmq.PULL) as pull:
         pull.bind(endpoint)
-        with open(log_path, "w") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "producer", "--train_corpus", str(corpus), "--bert_model", str(model),
-                 "--do_lower_case", "--cache_dir", str(tmp_path / "cache"), "--connect", endpoint, "--num_workers",
-                 "2", "--epochs", "1", "--batch_size", "8", "--max_seq_len", "64", *flags],
-                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        messages = []
-        deadline = time.monotonic() + TIMEOUT_S
+        process, log_path = start_producer(model, corpus, tmp_path, "--connect", endpoint, "--num_workers", "2",
+                                           "--epochs", "1", "--batch_size", "8", "--max_seq_len", "64", *flags,
+                                           name=name)
         try:
-            while time.monotonic() < deadline:
-                if pull.poll(100):
-                    messages.append(decode(pull.recv()))
-                elif process.poll() is not None:
-                    while pull.poll(500):
-                        messages.append(decode(pull.recv()))
-                    break
+            messages = collect(pull, process, log_path)
         finally:
             if process.poll() is None:
                 process.kill()
@@ -92,13 +77,8 @@ def test_the_trainer_names_two_producers_that_send_the_same_seed(tiny_model_dir,
               message(tiny_model_dir, batches[1], producer_id="host-a:11", seed=7),
               message(tiny_model_dir, batches[2], producer_id="host-b:22", seed=7 if same_seed else 8),
               message(tiny_model_dir, batches[3], producer_id="host-b:22", seed=7 if same_seed else 8)]
-    out, endpoint = tmp_path / "out", free_tcp_endpoint()
-    sender = Sender(endpoint, frames, out)
-    sender.start()
     with captured_log() as lines:
-        code = main(trainer_flags(tiny_model_dir, out, "--bind", endpoint, "--max_steps", "4",
-                                  "--data_timeout", str(TIMEOUT_S)))
-    sender.join(timeout=TIMEOUT_S)
+        code = train_on_frames(tiny_model_dir, tmp_path / "out", frames, "--max_steps", "4")
     assert code == EXIT_OK, "\n".join(lines)
     warnings = [line for line in lines if re.search(r"producers \S+ and \S+ both send seed", line)]
     if same_seed:

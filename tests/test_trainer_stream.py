@@ -17,7 +17,7 @@ from trainer import EXIT_ERROR, EXIT_OK
 from trainer.cli import main
 from trainer.metrics import TRAIN_FIELDS
 from trainer_support import (stop, TIMEOUT_S, Sender, captured_log, message, read_metrics, real_batches, start_trainer,
-                             state_dict_of, train_records, trainer_flags, vocabulary)
+                             state_dict_of, train_on_frames, train_records, trainer_flags, vocabulary)
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +113,8 @@ def test_a_later_mismatching_producer_is_named_in_the_log(tiny_model_dir, corpus
     shorter = real_batches(tiny_model_dir, corpus, tmp_path / "cache", batch_size=8, count=1, max_seq_len=32)[0]
     frames = [message(tiny_model_dir, batches[0]), message(tiny_model_dir, shorter),
               *(message(tiny_model_dir, b) for b in batches[1:])]
-    out, endpoint = tmp_path / "out", free_tcp_endpoint()
-    sender = Sender(endpoint, frames, out)
-    sender.start()
     with captured_log() as lines:
-        code = main(trainer_flags(tiny_model_dir, out, "--bind", endpoint, "--max_steps", "3",
-                                  "--data_timeout", str(TIMEOUT_S)))
-    sender.join(timeout=TIMEOUT_S)
+        code = train_on_frames(tiny_model_dir, tmp_path / "out", frames, "--max_steps", "3")
     assert code == EXIT_OK
     assert any("producer test:1" in line and "max_seq_len: 64 vs 32" in line for line in lines), lines
 

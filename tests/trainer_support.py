@@ -144,6 +144,23 @@ class Sender(threading.Thread):
                 time.sleep(0.05)
 
 
+def train_on_frames(model: Path, out: Path, frames: list[bytes], *flags: str, signal_at_step: int | None = None,
+                    lower_case: str = "--do_lower_case") -> int:
+    """The trainer's `main` in this process, bound on a fresh tcp endpoint, fed `frames` by a Sender; its exit code."""
+    from conftest import free_tcp_endpoint
+    from trainer.cli import main
+
+    endpoint = free_tcp_endpoint()
+    sender = Sender(endpoint, frames, out, signal_at_step)
+    sender.start()
+    command = trainer_flags(model, out, "--bind", endpoint, "--data_timeout", str(TIMEOUT_S), *flags)
+    command[command.index("--do_lower_case")] = lower_case
+    try:
+        return main(command)
+    finally:
+        sender.join(timeout=TIMEOUT_S)
+
+
 def stop(*processes: subprocess.Popen) -> None:
     """Terminate, then kill after TIMEOUT_S, and always reap: a failing test leaves no process behind."""
     for process in processes:
