@@ -24,7 +24,7 @@ from conftest import REPO, write_corpus
 from trainer import EXIT_ERROR
 from trainer.cli import main
 from trainer_support import (stop, TIMEOUT_S, Sender, captured_log, message, real_batches, state_dict_of, train_records,
-                             trainer_flags, write_seed_epochs)
+                             run_to_end, trainer_flags, write_seed_epochs)
 
 RUN_TIMEOUT_S = 4 * TIMEOUT_S  # a guard against hangs (the point of these tests), never a speed assertion
 FINISHED = re.compile(r"rank(\d) INFO rank \d finished at step (\d+) after (\d+) step\(s\) of its own data; "
@@ -129,11 +129,7 @@ def test_two_cpu_ranks_train_in_step_on_two_producers(tiny_model_dir, corpus, tm
     trainer = start_torchrun(tiny_model_dir, out, port, log_path, "--max_steps", "8", "--logging_steps", "2",
                              "--save_steps", "4", "--gradient_accumulation_steps", "2",
                              "--data_timeout", str(TIMEOUT_S))
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop(trainer, *producers)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path, *producers)
     assert code == 0, log[-4000:]
 
     finished = finished_lines(log)

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import REPO, write_corpus
-from test_distributed import RUN_TIMEOUT_S, environment, finished_lines, start_torchrun
-from trainer_support import state_dict_of, stop, train_records, trainer_flags, write_seed_epochs
+from test_distributed import environment, finished_lines, start_torchrun
+from trainer_support import run_to_end, state_dict_of, train_records, trainer_flags, write_seed_epochs
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,7 @@ def test_an_untied_model_trains_under_ddp(tiny_model_dir, corpus, tmp_path):
     out, log_path = tmp_path / "out", tmp_path / "torchrun.log"
     trainer = start_torchrun(model, out, None, log_path, "--pregenerated_data", str(tmp_path / "data"),
                              "--max_steps", "4", "--save_steps", "0")
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop(trainer)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path)
     assert code == 0, log[-4000:]
     assert "Expected to have finished reduction" not in log
     assert "cls.predictions.bias, unused, is frozen (kept as loaded)" in log
@@ -77,11 +73,7 @@ def test_an_interface_this_host_does_not_have_is_refused_at_once(tiny_model_dir,
     write_seed_epochs(tmp_path / "data", tiny_model_dir, corpus, epochs=1)
     trainer = start_torchrun(tiny_model_dir, out, None, log_path, "--pregenerated_data", str(tmp_path / "data"),
                              "--max_steps", "2", "--dist_interface", "nosuch0")
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop(trainer)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path)
     assert code != 0
     names = ", ".join(name for _, name in socket.if_nameindex())
     assert log.count(f"--dist_interface nosuch0: no such network interface on this host (it has {names})") == 2, \
@@ -108,11 +100,7 @@ def test_a_rank_that_cannot_reach_the_rendezvous_stops_naming_it(tiny_model_dir,
     0, the default)."""
     port, log_path = free_port(), tmp_path / "trainer.log"
     trainer = start_alone(tiny_model_dir, tmp_path / "out", rank, port, log_path, "--dist_connect_timeout", "3")
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)  # a guard against the hang, not a speed assertion
-    finally:
-        stop(trainer)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path)
     assert code == 1, log[-4000:]
     assert (f"rank {rank}: no rendezvous with the other ranks at 127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT) within "
             "--dist_connect_timeout 3 s") in log, log[-4000:]
@@ -134,11 +122,7 @@ def test_a_rank_that_joins_the_rendezvous_but_never_connects_is_waited_for_in_bo
          "s = d.TCPStore('127.0.0.1', int(sys.argv[1]), 2, False, timeout=datetime.timedelta(seconds=60))\n"
          "if sys.argv[2] == 'yes': s.set('bertstream/route/0/1', '127.0.0.1')\n"
          "time.sleep(120)", str(port), "yes" if publishes else "no"], cwd=REPO, env=environment())
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)  # a guard against the hang, not a speed assertion
-    finally:
-        stop(trainer, joiner)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path, joiner)
     assert code == 1, log[-4000:]
     if publishes:
         assert ("rank 0 could not connect to the other ranks within --dist_connect_timeout 5 s over lo (127.0.0.1, "

@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO, free_tcp_endpoint, write_corpus
 from trainer import EXIT_STOPPED, EXIT_USAGE
 from trainer.cli import main
-from trainer_support import TIMEOUT_S, start_trainer, stop, train_records
+from trainer_support import TIMEOUT_S, run_to_end, start_trainer, stop, train_records
 
 RUN_TIMEOUT_S = 4 * TIMEOUT_S  # a guard against hangs, never a speed assertion
 STARTED = re.compile(r"local producer: pid (\d+) streaming")
@@ -90,11 +90,7 @@ def test_seed_command_line_trains_and_leaves_a_loadable_model(tiny_model_dir, co
 
     out, log_path = tmp_path / "out", tmp_path / "trainer.log"
     trainer = start_trainer(seed_command(corpus, tiny_model_dir, out), log_path)
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop(trainer)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path)
     assert code == 0, log[-4000:]
     assert [r["step"] for r in train_records(out)] == [1, 2, 3]
     model = BertForPreTraining.from_pretrained(out)
@@ -188,11 +184,7 @@ def test_two_cpu_ranks_under_torchrun_train_from_one_node_producer(tiny_model_di
     trainer = start_torchrun(tiny_model_dir, out, None, log_path, "--train_corpus", str(corpus), "--max_steps", "4",
                              "--num_workers", "1", "--max_seq_len", "64", "--batch_size", "4",
                              "--cache_dir", str(tmp_path / "cache"), "--save_steps", "0")
-    try:
-        code = trainer.wait(timeout=RUN_TIMEOUT_S)
-    finally:
-        stop(trainer)
-    log = log_path.read_text()
+    code, log = run_to_end(trainer, log_path)
     assert code == 0, log[-4000:]
     assert sorted(finished_lines(log)) == [0, 1], log[-4000:]
     starts = STARTED.findall(log)

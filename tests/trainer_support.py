@@ -161,6 +161,17 @@ def train_on_frames(model: Path, out: Path, frames: list[bytes], *flags: str, si
         sender.join(timeout=TIMEOUT_S)
 
 
+def run_to_end(process: subprocess.Popen, log_path: Path, *others: subprocess.Popen,
+               timeout_s: float = 4 * TIMEOUT_S) -> tuple[int, str]:
+    """`process`'s exit code and its log, once it ends; after `timeout_s` (a guard against hangs, never a speed
+    assertion) it and `others` are stopped whatever happened, so a failing test leaves no process behind."""
+    try:
+        code = process.wait(timeout=timeout_s)
+    finally:
+        stop(process, *others)
+    return code, log_path.read_text()
+
+
 def stop(*processes: subprocess.Popen) -> None:
     """Terminate, then kill after TIMEOUT_S, and always reap: a failing test leaves no process behind."""
     for process in processes:
