@@ -111,10 +111,45 @@ def tiny_corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.txt")
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def free_port(count: int = 1) -> int:
+    """A port p on 127.0.0.1 with p .. p + count - 1 free, drawn below the kernel's ephemeral range.
+
+    Why not a port-0 bind: the kernel hands out ports of its ephemeral range (32768-60999 by default) to port-0
+    binds and outgoing connections too, and torchrun's rendezvous, gloo and ZeroMQ open such sockets all the time;
+    one of them can take the port between this probe and the process's own bind ("Address already in use", seen
+    in CI). A port below the range is never handed out that way.
+    """
+    import random
+
+    top = _ephemeral_start()
+    low = max(1024, top - 12000)
+    rng = random.Random()  # seeded from the OS: tests running at once rarely draw the same port
+    for _ in range(200):
+        port = rng.randrange(low, top - count)
+        if port < 29600 and port + count > 29400:  # torch.distributed's default ports (29400 c10d, 29500 env)
+            continue
+        probes = [socket.socket() for _ in range(count)]
+        try:
+            for offset, probe in enumerate(probes):
+                probe.bind(("127.0.0.1", port + offset))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return port
+    raise RuntimeError(f"no {count} consecutive free ports on 127.0.0.1 in [{low}, {top})")
+
+
 def free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

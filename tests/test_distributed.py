@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import zmq
 
 from common.wire import decode
-from conftest import REPO, write_corpus
+from conftest import REPO, free_port, write_corpus
 from trainer import EXIT_ERROR
 from trainer.cli import main
 from trainer_support import (stop, TIMEOUT_S, Sender, captured_log, message, real_batches, state_dict_of, train_records,
@@ -41,19 +40,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def free_port_pair() -> int:
     """A port p with p + 1 free too: the two ranks bind p and p + 1."""
-    for _ in range(100):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no two consecutive free ports on 127.0.0.1")
+    return free_port(2)
 
 
 def environment() -> dict[str, str]:
