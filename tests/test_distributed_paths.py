@@ -17,20 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, write_corpus
+from conftest import REPO, free_port, write_corpus
 from test_distributed import environment, finished_lines, start_torchrun
-from trainer_support import run_to_end, state_dict_of, train_records, trainer_flags, write_seed_epochs
+from trainer_support import run_to_end, state_dict_of, stop, train_records, trainer_flags, write_seed_epochs
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("paths_corpus") / "corpus.txt", num_documents=60)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_an_untied_model_trains_under_ddp(tiny_model_dir, corpus, tmp_path):
@@ -68,16 +62,24 @@ def test_an_untied_model_trains_under_ddp(tiny_model_dir, corpus, tmp_path):
     assert not torch.equal(after["cls.predictions.decoder.weight"], before["cls.predictions.decoder.weight"])
 
 
-def test_an_interface_this_host_does_not_have_is_refused_at_once(tiny_model_dir, corpus, tmp_path):
-    out, log_path = tmp_path / "out", tmp_path / "torchrun.log"
-    write_seed_epochs(tmp_path / "data", tiny_model_dir, corpus, epochs=1)
-    trainer = start_torchrun(tiny_model_dir, out, None, log_path, "--pregenerated_data", str(tmp_path / "data"),
-                             "--max_steps", "2", "--dist_interface", "nosuch0")
-    code, log = run_to_end(trainer, log_path)
-    assert code != 0
+def test_an_interface_this_host_does_not_have_is_refused_at_once(tiny_model_dir, tmp_path):
+    """Both ranks of a run, each its own process with torchrun's environment (under torchrun itself, the first
+    rank to exit gets the other killed, sometimes before it has written a line: a race in the test, not the
+    trainer). Each refuses the flag before any connection is tried: otherwise rank 0 would wait at the rendezvous
+    for --dist_connect_timeout (300 s) and run_to_end's guard would end the test."""
+    out, port = tmp_path / "out", free_port()
     names = ", ".join(name for _, name in socket.if_nameindex())
-    assert log.count(f"--dist_interface nosuch0: no such network interface on this host (it has {names})") == 2, \
-        log[-4000:]  # each rank says it, before any connection is tried
+    ranks = [(rank, tmp_path / f"rank{rank}.log") for rank in (0, 1)]
+    processes = [start_alone(tiny_model_dir, out, rank, port, log_path, "--dist_interface", "nosuch0")
+                 for rank, log_path in ranks]
+    try:  # each waited for on its own: stopping one must not cut the other short
+        results = [run_to_end(process, log_path) for process, (_, log_path) in zip(processes, ranks)]
+    finally:
+        stop(*processes)
+    for code, log in results:
+        assert code != 0, log[-4000:]
+        assert log.count(f"--dist_interface nosuch0: no such network interface on this host (it has {names})") == 1, \
+            log[-4000:]  # this rank says it
     assert not out.exists() or not (out / "metrics.jsonl").exists()
 
 
